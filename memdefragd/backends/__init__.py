@@ -1,0 +1,32 @@
+"""Backends: the machine the daemon talks to (real kernel or simulator).
+
+The daemon core and `report` speak only this protocol, so they run unchanged on either.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..model import Layout, MemoryState, PfnVisibility, ProcessInfo, Vma
+
+
+class Backend(Protocol):
+    name: str
+
+    def list_processes(self) -> list[ProcessInfo]:
+        """Every user process now running; kernel threads and vanished ones are left out."""
+
+    def process(self, pid: int) -> ProcessInfo:
+        """One process; raises ProcessGone or AccessDenied."""
+
+    def list_vmas(self, proc: ProcessInfo) -> list[Vma]:
+        """The process's VMAs with their smaps fields; raises ProcessGone or AccessDenied."""
+
+    def read_layout(self, proc: ProcessInfo, vma: Vma) -> Layout:
+        """Present pages of one VMA; raises ProcessGone or AccessDenied."""
+
+    def memory_state(self) -> MemoryState:
+        """Free blocks, THP knobs and counters, pressure."""
+
+    def pfn_visibility(self) -> PfnVisibility:
+        """Whether layouts carry real frame numbers, and why not if they don't."""

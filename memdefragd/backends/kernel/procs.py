@@ -1,0 +1,109 @@
+"""Processes as /proc shows them, read race-safely through a /proc/PID directory fd.
+
+Once /proc/PID is open, every file read through that fd belongs to that process or fails
+with ESRCH: a recycled PID can never slip in. Identity is pid plus start time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ... import procfs
+from ...model import PAGE_SIZE, AccessDenied, ProcessGone, ProcessInfo
+
+
+class ProcDir:
+    """An open /proc/PID directory."""
+
+    def __init__(self, proc_root: str, pid: int):
+        self.pid = pid
+        try:
+            self.fd = os.open(f"{proc_root}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise ProcessGone(f"pid {pid}: no such process") from e
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> ProcDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self, name: str, flags: int = os.O_RDONLY) -> int:
+        with translate_errors(self.pid, name):
+            return os.open(name, flags | os.O_CLOEXEC, dir_fd=self.fd)
+
+    def read_text(self, name: str) -> str:
+        fd = self.open(name)
+        try:
+            with translate_errors(self.pid, name):
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+    def readlink(self, name: str) -> str | None:
+        try:
+            with translate_errors(self.pid, name):
+                return os.readlink(name, dir_fd=self.fd)
+        except AccessDenied:
+            return None
+        except OSError:
+            return None  # kernel threads and some zombies have no exe
+
+    def info(self) -> ProcessInfo:
+        stat = procfs.parse_stat(self.read_text("stat"))
+        if int(stat["flags"]) & procfs.PF_KTHREAD:
+            raise ProcessGone(f"pid {self.pid}: kernel thread, no user memory")
+        raw = self.read_text("cmdline")
+        cmdline = tuple(raw.rstrip("\0").split("\0")) if raw else ()
+        return ProcessInfo(
+            pid=self.pid,
+            comm=str(stat["comm"]),
+            cmdline=cmdline,
+            exe=self.readlink("exe"),
+            uid=procfs.parse_status_uid(self.read_text("status")),
+            cgroup=_cgroup(self),
+            start_time=int(stat["start_time"]),
+            rss=int(stat["rss_pages"]) * PAGE_SIZE,
+        )
+
+    def check_identity(self, proc: ProcessInfo) -> str:
+        """Raise ProcessGone if this is not the process `proc` describes; return its state."""
+        stat = procfs.parse_stat(self.read_text("stat"))
+        if int(stat["start_time"]) != proc.start_time:
+            raise ProcessGone(f"pid {self.pid}: reused by another process")
+        return str(stat["state"])
+
+
+def _cgroup(d: ProcDir) -> str:
+    try:
+        return procfs.parse_cgroup(d.read_text("cgroup"))
+    except AccessDenied:
+        return ""
+
+
+@contextmanager
+def translate_errors(pid: int, what: str) -> Iterator[None]:
+    """Map the errors a vanishing or protected process causes onto our two exceptions."""
+    try:
+        yield
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(f"pid {pid}: {what}: process exited") from e
+    except PermissionError as e:
+        raise AccessDenied(f"pid {pid}: {what}: {e.strerror}") from e
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise ProcessGone(f"pid {pid}: {what}: process exited") from e
+        raise
+
+
+def list_pids(proc_root: str) -> list[int]:
+    return sorted(int(n) for n in os.listdir(proc_root) if n.isdigit())

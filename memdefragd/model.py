@@ -1,0 +1,162 @@
+"""Value types passed between pipeline stages.
+
+Everything here is immutable data: backends produce it, pure functions consume it. Sizes
+are bytes unless a name says pages; addresses are virtual byte addresses; `vpn`/`pfn`
+are page numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PMD_ORDER = 9
+PMD_PAGES = 1 << PMD_ORDER
+PMD_SIZE = PAGE_SIZE * PMD_PAGES
+
+# VmFlags (see proc(5)) that make a VMA unfit for THP collapse.
+_NO_COLLAPSE_FLAGS = frozenset({"nh", "ht", "pf", "io", "dd"})
+
+
+class ProcessGone(Exception):
+    """The process exited (or its PID was reused) while we were looking at it."""
+
+
+class AccessDenied(Exception):
+    """The kernel refused to show us this process's memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    comm: str
+    cmdline: tuple[str, ...]
+    exe: str | None
+    uid: int
+    cgroup: str
+    start_time: int  # clock ticks since boot (/proc/PID/stat field 22): identity with pid
+    rss: int
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+    fields: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    vmflags: frozenset[str] | None = None  # None: kernel did not report VmFlags
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def field(self, name: str, default: int = 0) -> int:
+        """An smaps size field in bytes (or a plain integer such as THPeligible)."""
+        return self.fields.get(name, default)
+
+    @property
+    def rss(self) -> int:
+        return self.field("Rss")
+
+    @property
+    def anon_huge(self) -> int:
+        return self.field("AnonHugePages")
+
+    @property
+    def pmd_mapped(self) -> int:
+        """Bytes mapped by PMD-size pages according to the kernel's own smaps counters."""
+        return (
+            self.field("AnonHugePages") + self.field("ShmemPmdMapped") + self.field("FilePmdMapped")
+        )
+
+    @property
+    def deleted(self) -> bool:
+        return self.path.endswith(" (deleted)")
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0 and not self.path.startswith("/")
+
+    @property
+    def collapse_eligible(self) -> bool:
+        """Whether MADV_COLLAPSE could apply: it ignores sysfs policy but not these flags."""
+        if self.path in ("[vsyscall]", "[vvar]", "[vdso]", "[vvar_vclock]"):
+            return False
+        if self.vmflags is not None and self.vmflags & _NO_COLLAPSE_FLAGS:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Layout:
+    """Present pages of one VMA in virtual order.
+
+    `pfn` is meaningful only when `pfn_known`: without CAP_SYS_ADMIN the kernel reports
+    zero for every frame, and contiguity figures computed from that would be fiction.
+    `thp` marks pages mapped by a PMD-size huge page.
+    """
+
+    start_vpn: int
+    end_vpn: int
+    vpn: np.ndarray  # uint64, strictly increasing
+    pfn: np.ndarray  # uint64
+    thp: np.ndarray  # bool
+    pfn_known: bool
+
+    @property
+    def present_pages(self) -> int:
+        return int(self.vpn.size)
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneFree:
+    """Free blocks per order of one zone, as /proc/buddyinfo shows them."""
+
+    node: int
+    zone: str
+    free: tuple[int, ...]  # index = order
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """One line of /proc/pressure/memory: share of time stalled, in percent."""
+
+    avg10: float
+    avg60: float
+    avg300: float
+    total_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryState:
+    zones: tuple[ZoneFree, ...]
+    pagetype_free: Mapping[tuple[int, str, str], tuple[int, ...]] | None  # (node, zone, type)
+    vmstat: Mapping[str, int]  # thp_* and compact_* counters
+    thp: Mapping[str, str]  # transparent_hugepage knobs
+    khugepaged: Mapping[str, str]
+    pressure_some: Pressure | None
+    pressure_full: Pressure | None
+
+    @property
+    def max_ptes_none(self) -> int:
+        try:
+            return int(self.khugepaged.get("max_ptes_none", PMD_PAGES - 1))
+        except ValueError:
+            return PMD_PAGES - 1
+
+
+@dataclass(frozen=True, slots=True)
+class PfnVisibility:
+    """Whether this process can see physical frame numbers, and if not, why."""
+
+    visible: bool
+    reason: str = ""
