@@ -7,9 +7,9 @@ are page numbers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 
@@ -91,9 +91,7 @@ class Vma:
         """Whether MADV_COLLAPSE could apply: it ignores sysfs policy but not these flags."""
         if self.path in ("[vsyscall]", "[vvar]", "[vdso]", "[vvar_vclock]"):
             return False
-        if self.vmflags is not None and self.vmflags & _NO_COLLAPSE_FLAGS:
-            return False
-        return True
+        return not (self.vmflags and self.vmflags & _NO_COLLAPSE_FLAGS)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

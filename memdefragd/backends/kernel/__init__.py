@@ -80,7 +80,9 @@ class KernelBackend:
             try:
                 reader = PagemapReader(fd, self._kpageflags(), self.use_scan)
                 layouts = [
-                    _empty(v, visible) if v.path == "[vsyscall]" else reader.read(v.start, v.end, visible)
+                    _empty(v, visible)
+                    if v.path == "[vsyscall]"
+                    else reader.read(v.start, v.end, visible)
                     for v in vmas
                 ]
             finally:

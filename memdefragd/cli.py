@@ -1,0 +1,201 @@
+"""Command line: `memdefragd report` (and `check-config`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+from .backends.kernel import KernelBackend
+from .config import ConfigError, load_config
+from .model import PMD_SIZE, AccessDenied, ProcessGone, ProcessInfo
+from .report import Skipped, build_report, render_text, to_json
+from .targets import Matcher, Target, select
+from .units import parse_size
+
+EPILOG = """\
+Privileges: physical frame numbers (and so every contiguity figure) need CAP_SYS_ADMIN;
+reading another user's /proc/PID/pagemap needs ptrace access (root, or CAP_SYS_PTRACE).
+Without CAP_SYS_ADMIN the report still shows THP and collapsible figures and says why the
+contiguity columns are blank.
+"""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"bad regular expression {text!r}: {e}") from e
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memdefragd",
+        description="User-space memory-contiguity agent: measures how physically fragmented "
+        "processes' memory is and collapses it into huge pages.",
+    )
+    parser.add_argument("--version", action="version", version=f"memdefragd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rep = sub.add_parser(
+        "report",
+        help="per-VMA fragmentation report (THP coverage, collapsible regions, contiguity)",
+        description="Scan processes and report, per VMA and per process, how much memory is "
+        "mapped by huge pages, how much could be collapsed, and how translation-contiguous "
+        "it is. Filters combine: a process must pass every one given. With none, every "
+        "process is scanned.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="scan this process (repeatable)",
+    )
+    rep.add_argument(
+        "--name",
+        type=_regex,
+        metavar="REGEX",
+        help="processes whose name (comm) matches REGEX (searched anywhere)",
+    )
+    rep.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        help="processes in this cgroup (v2 path, e.g. /system.slice/x.service) or below it",
+    )
+    rep.add_argument(
+        "--min-rss",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="skip processes with less resident memory (e.g. 64M, 1GiB)",
+    )
+    rep.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="scan the processes the targets of this config name (labelled with the target's name)",
+    )
+    rep.add_argument(
+        "--system",
+        action="store_true",
+        help="add free blocks per order, unusable free space index, THP knobs, "
+        "counters and memory pressure",
+    )
+    rep.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (schema memdefragd.report/1, see docs/report-json.md); "
+        "with --watch, one document per line",
+    )
+    rep.add_argument(
+        "--all-vmas",
+        action="store_true",
+        help="list every VMA with resident pages in the table, not only those "
+        "with at least 2 MiB resident",
+    )
+    rep.add_argument(
+        "--watch", type=_positive, metavar="SECONDS", help="repeat every SECONDS until interrupted"
+    )
+    rep.set_defaults(func=cmd_report)
+
+    chk = sub.add_parser("check-config", help="validate a configuration file and exit")
+    chk.add_argument("file", help="the YAML file to check")
+    chk.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    targets: Sequence[Target] = [Target("", Matcher())]
+    if args.config:
+        try:
+            targets = load_config(args.config).targets
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+    cli = Matcher(
+        comm=args.name, cgroup=args.cgroup, pids=frozenset(args.pid) if args.pid else None
+    )
+    backend = KernelBackend()
+    try:
+        while True:
+            procs, skipped = (
+                _explicit(backend, args.pid) if args.pid else (backend.list_processes(), [])
+            )
+            procs = [p for p in procs if cli.matches(p) and p.rss >= args.min_rss]
+            chosen = [(p, t.name or None) for p, t in select(procs, targets)]
+            report = build_report(backend, chosen, system=args.system, skipped=skipped)
+            if args.json:
+                indent = None if args.watch else 2
+                print(json.dumps(to_json(report), indent=indent), flush=True)
+            else:
+                print(render_text(report, min_vma_rss=0 if args.all_vmas else PMD_SIZE), flush=True)
+            if not args.watch:
+                break
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        backend.close()
+    missing = set(args.pid) - {p.proc.pid for p in report.processes}
+    return 1 if missing else 0
+
+
+def _explicit(
+    backend: KernelBackend, pids: Sequence[int]
+) -> tuple[list[ProcessInfo], list[Skipped]]:
+    """Processes asked for by pid, and those that could not even be looked up."""
+    procs, skipped = [], []
+    for pid in dict.fromkeys(pids):
+        try:
+            procs.append(backend.process(pid))
+        except ProcessGone as e:
+            skipped.append(Skipped(pid, "?", "exited", str(e)))
+        except AccessDenied as e:
+            skipped.append(Skipped(pid, "?", "access_denied", str(e)))
+    return procs, skipped
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(
+        f"{args.file}: OK, {len(cfg.targets)} target(s): " + ", ".join(t.name for t in cfg.targets)
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
