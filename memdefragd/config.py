@@ -55,7 +55,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError([f"{where}: YAML syntax: {e.problem or e}"]) from e
+        msg = f"{where}: YAML syntax: {e.problem or e}"
+        if e.context and e.context_mark and e.context_mark is not mark:
+            msg += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError([msg]) from e
     v = _Validator(path)
     cfg = v.config(root)
     if v.errors:

@@ -1,0 +1,47 @@
+# The README's two commands:
+#   make run    set up a virtualenv and run the daemon's main job (for now: the report over
+#               the processes named by etc/memdefragd.yaml, with the system section)
+#   make test   set up and run the whole test suite (ruff, unit, real-kernel, end-to-end)
+# Both install what they need: Debian packages when run as root (or with sudo), then a
+# virtualenv in .venv with the package and its dependencies.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/memdefragd.yaml
+PYTEST_ARGS ?=
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux
+
+.PHONY: run test lint setup system-deps clean
+
+run: setup
+	$(BIN)/memdefragd report --config $(CONFIG) --system
+
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(BIN)/python -m pip install --quiet -e '.[test,systemd]' \
+	  || echo "note: systemd-python (optional) did not build: it needs libsystemd-dev and pkg-config; memdefragd logs to stderr without it"
+	touch $@
+
+# Debian packages: installed only when missing, and only where we may (root or sudo -n).
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ] || ! command -v apt-get >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "note: not root, cannot install: $$missing"; exit 0; fi; \
+	echo "installing Debian packages: $$missing"; \
+	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,51 @@
+"""Fixtures for the real-kernel tests: children this test started, and a kernel backend."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from memdefragd.backends.kernel import KernelBackend
+
+from .helpers import Child, require_kernel, start_child
+
+
+@pytest.fixture
+def spawn():
+    """Factory: spawn(size, collapse=(off, len), ...) -> Child; every child is killed and
+    reaped at teardown, whatever the test did with it."""
+    children: list[Child] = []
+
+    def _spawn(size: int, **kwargs) -> Child:
+        child = start_child(size, **kwargs)
+        children.append(child)
+        return child
+
+    yield _spawn
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture
+def backend():
+    b = KernelBackend()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def fallback_backend():
+    """The path without PAGEMAP_SCAN: whole-VMA pagemap reads plus /proc/kpageflags."""
+    require_kernel(os.access("/proc/kpageflags", os.R_OK), "/proc/kpageflags is not readable")
+    b = KernelBackend(use_scan=False)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def pfns(backend):
+    """Skip (or fail under MEMDEFRAGD_REQUIRE_KERNEL) unless page frame numbers are visible."""
+    vis = backend.pfn_visibility()
+    require_kernel(vis.visible, vis.reason)
+    return vis

@@ -1,0 +1,322 @@
+"""Shared pieces of the real-kernel tests: a child process with a known mapping, the
+skip-or-fail rule, and brute-force readers of /proc/PID/pagemap and /proc/kpageflags that
+share no code with memdefragd (so the tests compare two independent computations).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+PAGE = 4096
+PMD = 2 << 20
+PMD_PAGES = PMD // PAGE
+MiB = 1 << 20
+
+MADV_DONTNEED = 4
+MADV_DONTFORK = 10
+MADV_NOHUGEPAGE = 15
+MADV_DONTDUMP = 16
+MADV_COLLAPSE = 25
+
+KPF_COMPOUND_HEAD = 1 << 15
+KPF_THP = 1 << 22
+
+REQUIRE_ENV = "MEMDEFRAGD_REQUIRE_KERNEL"
+
+
+def require_kernel(condition: object, reason: str) -> None:
+    """Skip when the kernel refuses what a test needs; fail instead under CI's variable."""
+    if condition:
+        return
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{REQUIRE_ENV} is set and the kernel refused: {reason}", pytrace=False)
+    pytest.skip(f"kernel refused: {reason}")
+
+
+# The child: one anonymous VMA of exactly `size` bytes at a 2 MiB-aligned address, touched
+# page by page (THP enabled=madvise and no MADV_HUGEPAGE, so faults map 4 KiB pages),
+# optionally collapsed in part by its own MADV_COLLAPSE. It reports {"addr", "collapse_errno"}
+# as one JSON line, then blocks until its stdin is closed.
+#
+# It maps size + 4 MiB and unmaps the unaligned head and tail, both non-empty, so the VMA
+# starts and ends next to a hole; MADV_DONTFORK gives it flags no ordinary anonymous mapping
+# has, so nothing the interpreter maps later into those holes can merge with it.
+CHILD_SCRIPT = r"""
+import ctypes, json, os, sys
+
+cfg = json.loads(sys.argv[1])
+PAGE, PMD = 4096, 2 << 20
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long)
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong)
+
+
+def check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+if cfg.get("comm"):
+    check(libc.prctl(15, cfg["comm"].encode(), 0, 0, 0), "PR_SET_NAME")
+size = cfg["size"]
+raw = libc.mmap(None, size + 2 * PMD, 3, 0x22, -1, 0)  # PROT_RW, MAP_PRIVATE|MAP_ANONYMOUS
+if raw is None or raw == ctypes.c_void_p(-1).value:
+    raise OSError(ctypes.get_errno(), "mmap")
+addr = (raw + PMD) & ~(PMD - 1)
+check(libc.munmap(raw, addr - raw), "munmap head")
+check(libc.munmap(addr + size, raw + size + 2 * PMD - (addr + size)), "munmap tail")
+for advice in [10, *cfg.get("advise", [])]:  # MADV_DONTFORK, then the test's
+    check(libc.madvise(addr, size, advice), f"madvise {advice}")
+for off, length in cfg.get("touch", [[0, size]]):
+    for page in range(off, off + length, PAGE):  # one write per page: 4 KiB faults
+        ctypes.memset(addr + page, 0x5A, PAGE)
+for off, length, every in cfg.get("punch", []):
+    for page in range(off, off + length, every * PAGE):
+        check(libc.madvise(addr + page, PAGE, 4), "MADV_DONTNEED")
+err = 0
+if cfg.get("collapse"):
+    off, length = cfg["collapse"]
+    for _ in range(8):
+        if libc.madvise(addr + off, length, 25) == 0:
+            err = 0
+            break
+        err = ctypes.get_errno()
+        if err != 11:  # EAGAIN: transient, try again
+            break
+sys.stdout.write(json.dumps({"addr": addr, "collapse_errno": err}) + "\n")
+sys.stdout.flush()
+while os.read(0, 4096):
+    pass
+"""
+
+
+@dataclass
+class Child:
+    """A child started by the test, with the one VMA it mapped: [addr, addr + size)."""
+
+    popen: subprocess.Popen
+    size: int
+    addr: int = 0
+    collapse_errno: int = 0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    @property
+    def collapse_error(self) -> str:
+        e = self.collapse_errno
+        return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})" if e else ""
+
+    def kill(self, reap: bool = True) -> None:
+        """SIGKILL; with reap=False leave a zombie (waits until it is one, without reaping)."""
+        if self.popen.returncode is not None:
+            return
+        os.kill(self.pid, signal.SIGKILL)
+        if reap:
+            self.popen.wait()
+        else:
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+
+    def stop(self) -> None:
+        """Teardown: close stdin, kill, reap. Safe to call twice."""
+        if self.popen.stdin and not self.popen.stdin.closed:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+        if self.popen.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait()
+        if self.popen.stdout:
+            self.popen.stdout.close()
+
+
+def start_child(
+    size: int,
+    *,
+    collapse: tuple[int, int] | None = None,
+    touch: list[tuple[int, int]] | None = None,
+    punch: list[tuple[int, int, int]] | None = None,
+    advise: list[int] | None = None,
+    comm: str | None = None,
+    timeout: float = 120.0,
+) -> Child:
+    """Start the child and wait for its JSON line. The caller must stop() it."""
+    if size % PMD:
+        raise ValueError("size must be a multiple of 2 MiB")
+    cfg: dict = {"size": size}
+    if collapse is not None:
+        cfg["collapse"] = list(collapse)
+    if touch is not None:
+        cfg["touch"] = [list(t) for t in touch]
+    if punch:
+        cfg["punch"] = [list(p) for p in punch]
+    if advise:
+        cfg["advise"] = list(advise)
+    if comm:
+        cfg["comm"] = comm
+    popen = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SCRIPT, json.dumps(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = Child(popen, size, config=cfg)
+    try:
+        line = _readline(popen, timeout)
+        if not line:
+            popen.wait(timeout)
+            raise RuntimeError(f"child exited with {popen.returncode} before reporting")
+        report = json.loads(line)
+        child.addr = int(report["addr"])
+        child.collapse_errno = int(report["collapse_errno"])
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def _readline(popen: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(popen.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"child {popen.pid} did not report within {timeout} s")
+    return popen.stdout.readline()
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+def stat_start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+# ---- brute force, independent of memdefragd -------------------------------------------
+
+
+def read_pagemap(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(vpn, pfn) of every present page in [start, end), by a plain loop over entries."""
+    first, n = start // PAGE, (end - start) // PAGE
+    data = b""
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+        f.seek(first * 8)
+        while len(data) < n * 8:
+            chunk = f.read(n * 8 - len(data))
+            if not chunk:
+                raise EOFError("short pagemap read")
+            data += chunk
+    out = []
+    for i, (entry,) in enumerate(struct.iter_unpack("<Q", data)):
+        if entry >> 63 & 1:
+            out.append((first + i, entry & ((1 << 55) - 1)))
+    return out
+
+
+def kpageflags(pfn: int) -> int:
+    with open("/proc/kpageflags", "rb", buffering=0) as f:
+        f.seek(pfn * 8)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def brute_runs(entries: list[tuple[int, int]]) -> list[int]:
+    runs: list[int] = []
+    prev = None
+    for vpn, pfn in entries:
+        if prev is not None and vpn == prev[0] + 1 and pfn == prev[1] + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        prev = (vpn, pfn)
+    return runs
+
+
+def brute_contiguity(runs: list[int], ks=(32, 128), ps=(0.9, 0.99)) -> dict:
+    total = sum(runs)
+    desc = sorted(runs, reverse=True)
+    runs_for = {}
+    for p in ps:
+        acc = 0
+        for i, r in enumerate(desc, 1):
+            acc += r
+            if acc >= p * total:
+                runs_for[p] = i
+                break
+    return {
+        "runs": len(runs),
+        "largest_run": desc[0],
+        "mean_run": total / len(runs),
+        "coverage": {k: sum(desc[:k]) / total for k in ks},
+        "runs_for": runs_for,
+    }
+
+
+def brute_regions(entries: list[tuple[int, int]], start: int, end: int) -> dict:
+    """Per aligned 2 MiB region fully inside [start, end): present count, THP (by the head
+    frame's kpageflags), aligned-contiguous (all 512 present, pfn += 1, head 512-aligned)."""
+    by_vpn = dict(entries)
+    first = -(-(start // PAGE) // PMD_PAGES) * PMD_PAGES
+    last = (end // PAGE) // PMD_PAGES * PMD_PAGES
+    out = {"regions": 0, "thp": 0, "full": 0, "aligned_contiguous": 0, "present": []}
+    for head in range(first, last, PMD_PAGES):
+        out["regions"] += 1
+        pfns = [by_vpn.get(v) for v in range(head, head + PMD_PAGES)]
+        present = sum(p is not None for p in pfns)
+        out["present"].append(present)
+        if present != PMD_PAGES:
+            continue
+        out["full"] += 1
+        contiguous = pfns[0] % PMD_PAGES == 0 and all(
+            p == pfns[0] + i for i, p in enumerate(pfns)
+        )
+        flags = kpageflags(pfns[0]) if contiguous else 0
+        is_thp = bool(flags & KPF_THP and flags & KPF_COMPOUND_HEAD)
+        if is_thp:
+            out["thp"] += 1
+        elif contiguous:
+            out["aligned_contiguous"] += 1
+    return out
+
+
+def stable_read(pid: int, start: int, end: int, fn, attempts: int = 6):
+    """Run fn() between two identical brute-force pagemap reads (compaction or NUMA
+    balancing may migrate a page meanwhile; then try again). Returns (entries, fn())."""
+    for _ in range(attempts):
+        before = read_pagemap(pid, start, end)
+        result = fn()
+        after = read_pagemap(pid, start, end)
+        if before == after:
+            return before, result
+        time.sleep(0.2)
+    pytest.fail(f"the layout of pid {pid} kept changing over {attempts} attempts")

@@ -1,0 +1,123 @@
+"""Config loading: what users get when they write it right, and when they write it wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from memdefragd.config import ConfigError, load_config, parse_config
+from memdefragd.model import ProcessInfo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def proc(**kw) -> ProcessInfo:
+    base = dict(
+        pid=100, comm="redis-server", cmdline=("redis-server", "*:6379"), exe="/usr/bin/redis",
+        uid=0, cgroup="/system.slice/redis.service", start_time=1, rss=1 << 30,
+    )  # fmt: skip
+    base.update(kw)
+    return ProcessInfo(**base)
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), "m.yaml")
+    return info.value.errors
+
+
+def test_example_config_is_valid_and_means_what_it_says():
+    cfg = load_config(REPO / "etc" / "memdefragd.yaml", check_owner=False)
+    names = [t.name for t in cfg.targets]
+    assert names == ["databases", "jvm", "large"]
+    db, jvm, large = cfg.targets
+    assert db.matches(proc()) and db.priority == 10 and db.mode == "enforce"
+    assert not db.matches(proc(rss=100 << 20))  # under min_rss 256MiB
+    assert jvm.mode == "observe"
+    java = proc(comm="java", exe="/usr/lib/jvm/java-17-openjdk-amd64/bin/java", rss=2 << 30)
+    assert jvm.matches(java)
+    assert not jvm.matches(dataclasses.replace(java, cmdline=("java", "jdk.jshell")))
+    assert large.matches(proc(comm="anything", rss=5 << 30))
+    assert not large.matches(proc(comm="anything", rss=3 << 30))
+
+
+def test_full_target_parses():
+    cfg = parse_config(
+        textwrap.dedent(
+            """
+            targets:
+              - name: web
+                match: {cmdline: 'gunicorn', user: [root, 0], cgroup: /system.slice, pid: [100, 101]}
+                exclude: [{comm: '^sh$'}, {unit: other.service}]
+                min_rss: 64M
+                mode: observe
+                priority: -3
+            """
+        )
+    )
+    (t,) = cfg.targets
+    assert (t.name, t.min_rss, t.mode, t.priority) == ("web", 64 << 20, "observe", -3)
+    assert t.match.uids == frozenset({0}) and t.match.pids == frozenset({100, 101})
+    assert t.matches(proc(cmdline=("gunicorn", "app")))
+    assert not t.matches(proc(cmdline=("gunicorn",), comm="sh"))
+    assert not t.matches(proc(cmdline=("gunicorn",), cgroup="/system.slice/other.service"))
+    assert not t.matches(proc(cmdline=("gunicorn",), pid=7))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("targets:\n  - name: a\n    nmae: b\n", "m.yaml:3: targets[0].nmae: unknown key"),
+        ("targets:\n  - name: a\n    name: b\n", "m.yaml:3: targets[0].name: duplicate key (first given on line 2)"),
+        ("targets:\n  - name: a\n    match: {comm: '(('}\n", "m.yaml:3: targets[0].match.comm: bad regular expression"),
+        ("targets:\n  - name: a\n    priority: high\n", "m.yaml:3: targets[0].priority: expected an integer, got str 'high'"),
+        ("targets:\n  - name: a\n    min_rss: lots\n", "m.yaml:3: targets[0].min_rss: expected a size"),
+        ("targets:\n  - name: a\n    mode: fix\n", "m.yaml:3: targets[0].mode: expected one of enforce, observe"),
+        ("targets:\n  - name: a\n    match: {user: nosuchuser-xyz}\n", "no such user 'nosuchuser-xyz'"),
+        ("targets:\n  - name: a\n    match: {exe: bin/java}\n", "m.yaml:3: targets[0].match.exe: expected an absolute path"),
+        ("targets:\n  - name: a\n    match: {pid: -4}\n", "expected a positive pid"),
+        ("targets:\n  - name: a\n  - name: a\n", "m.yaml:3: targets[1].name: duplicate target name 'a' (first on line 2)"),
+        ("targets:\n  - match: {comm: x}\n", "m.yaml:2: targets[0].name: missing"),
+        ("targets: {}\n", "m.yaml:1: targets: expected a list"),
+        ("target:\n  - name: a\n", "m.yaml:1: target: unknown key; expected one of: targets"),
+        ("targets:\n  - name: [a\n", "YAML syntax: expected ',' or ']'"),
+        ("targets:\n  - name: [a\n", "(while parsing a flow sequence at line 2)"),
+        ("", "the file is empty"),
+    ],
+)  # fmt: skip
+def test_errors_say_what_and_where(text, expected):
+    errs = errors_of(text)
+    assert any(expected in e for e in errs), errs
+
+
+def test_all_errors_are_reported_at_once():
+    errs = errors_of(
+        """
+        targets:
+          - name: a
+            mode: x
+          - name: b
+            priority: y
+        """
+    )
+    assert len(errs) == 2
+    assert errs[0].startswith("m.yaml:4:") and errs[1].startswith("m.yaml:6:")
+
+
+def test_world_writable_config_is_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("targets: []\n")
+    os.chmod(f, 0o666)
+    with pytest.raises(ConfigError, match=r"writable by other users.*chmod go-w"):
+        load_config(f)
+    os.chmod(f, 0o644)
+    assert load_config(f).targets == ()
+
+
+def test_missing_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read: No such file"):
+        load_config(tmp_path / "nope.yaml")
