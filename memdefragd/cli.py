@@ -61,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report",
         help="per-VMA fragmentation report (THP coverage, collapsible regions, contiguity)",
-        description="Scan processes and report, per VMA and per process, how much memory is "
-        "mapped by huge pages, how much could be collapsed, and how translation-contiguous "
-        "it is. Filters combine: a process must pass every one given. With none, every "
-        "process is scanned.",
+        description=(
+            "Scan processes and report, per VMA and per process, how much memory is mapped\n"
+            "by huge pages, how much could be collapsed, and how translation-contiguous it\n"
+            "is. Filters combine: a process must pass every one given. With none, every\n"
+            "process is scanned."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
