@@ -62,6 +62,7 @@ libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
                       ctypes.c_int, ctypes.c_long)
 libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
                        ctypes.c_ulong)
 
@@ -99,6 +100,11 @@ if cfg.get("collapse"):
         err = ctypes.get_errno()
         if err != 11:  # EAGAIN: transient, try again
             break
+for off in cfg.get("split", []):
+    # Split a PMD mapping into PTEs but keep the 2 MiB folio: mprotect one page (which
+    # splits the VMA and the PMD), then give it back its protection (the VMAs merge again).
+    check(libc.mprotect(addr + off, PAGE, 1), "mprotect PROT_READ")
+    check(libc.mprotect(addr + off, PAGE, 3), "mprotect PROT_READ|PROT_WRITE")
 sys.stdout.write(json.dumps({"addr": addr, "collapse_errno": err}) + "\n")
 sys.stdout.flush()
 while os.read(0, 4096):
@@ -163,6 +169,7 @@ def start_child(
     touch: list[tuple[int, int]] | None = None,
     punch: list[tuple[int, int, int]] | None = None,
     advise: list[int] | None = None,
+    split: list[int] | None = None,
     comm: str | None = None,
     timeout: float = 120.0,
 ) -> Child:
@@ -178,6 +185,8 @@ def start_child(
         cfg["punch"] = [list(p) for p in punch]
     if advise:
         cfg["advise"] = list(advise)
+    if split:
+        cfg["split"] = list(split)
     if comm:
         cfg["comm"] = comm
     popen = subprocess.Popen(
@@ -282,30 +291,25 @@ def brute_contiguity(runs: list[int], ks=(32, 128), ps=(0.9, 0.99)) -> dict:
     }
 
 
-def brute_regions(entries: list[tuple[int, int]], start: int, end: int) -> dict:
-    """Per aligned 2 MiB region fully inside [start, end): present count, THP (by the head
-    frame's kpageflags), aligned-contiguous (all 512 present, pfn += 1, head 512-aligned)."""
+def brute_regions(entries: list[tuple[int, int]], start: int, end: int) -> list[dict]:
+    """Per aligned 2 MiB region fully inside [start, end), in order: present pages, whether
+    its head frame is a THP head (kpageflags), and whether it is aligned-contiguous (all 512
+    present, each pfn one more than the last, head pfn 512-aligned) without being a THP."""
     by_vpn = dict(entries)
     first = -(-(start // PAGE) // PMD_PAGES) * PMD_PAGES
     last = (end // PAGE) // PMD_PAGES * PMD_PAGES
-    out = {"regions": 0, "thp": 0, "full": 0, "aligned_contiguous": 0, "present": []}
+    out = []
     for head in range(first, last, PMD_PAGES):
-        out["regions"] += 1
         pfns = [by_vpn.get(v) for v in range(head, head + PMD_PAGES)]
         present = sum(p is not None for p in pfns)
-        out["present"].append(present)
-        if present != PMD_PAGES:
-            continue
-        out["full"] += 1
-        contiguous = pfns[0] % PMD_PAGES == 0 and all(
-            p == pfns[0] + i for i, p in enumerate(pfns)
+        contiguous = (
+            present == PMD_PAGES
+            and pfns[0] % PMD_PAGES == 0
+            and all(p == pfns[0] + i for i, p in enumerate(pfns))
         )
         flags = kpageflags(pfns[0]) if contiguous else 0
-        is_thp = bool(flags & KPF_THP and flags & KPF_COMPOUND_HEAD)
-        if is_thp:
-            out["thp"] += 1
-        elif contiguous:
-            out["aligned_contiguous"] += 1
+        thp = bool(flags & KPF_THP and flags & KPF_COMPOUND_HEAD)
+        out.append({"present": present, "thp": thp, "aligned_contiguous": contiguous and not thp})
     return out
 
 

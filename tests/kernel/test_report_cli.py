@@ -14,7 +14,9 @@ from .helpers import MiB, require_kernel
 pytestmark = pytest.mark.kernel
 
 
-def run(*args: str, prefix: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess:
+def run(
+    *args: str, prefix: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*prefix, sys.executable, "-m", "memdefragd.cli", "report", *args],
         capture_output=True, text=True, timeout=timeout,
@@ -54,7 +56,9 @@ def test_text_report_names_the_process_and_its_figures(half_collapsed, pfns):
     child = half_collapsed
     r = run("--pid", str(child.pid))
     assert r.returncode == 0, r.stderr
-    row = next(line for line in r.stdout.splitlines() if line.strip().startswith(f"{child.addr:012x}"))
+    row = next(
+        line for line in r.stdout.splitlines() if line.strip().startswith(f"{child.addr:012x}")
+    )
     cols = row.split()
     assert cols[1:5] == ["rw-p", "64.0", "MiB", "64.0"]  # perms, size, rss
     assert "32.0 MiB   50%      16" in row
@@ -120,7 +124,9 @@ def test_config_targets_label_processes(spawn, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("targets:\n  - name: x\n    match: {comm: '(('}\n")
     r = run("--config", str(bad))
-    assert r.returncode == 2 and f"{bad}:3: targets[0].match.comm: bad regular expression" in r.stderr
+    assert (
+        r.returncode == 2 and f"{bad}:3: targets[0].match.comm: bad regular expression" in r.stderr
+    )
 
 
 def test_system_section_matches_procfs():
@@ -133,5 +139,3 @@ def test_system_section_matches_procfs():
     assert all(0.0 <= x <= 1.0 for z in zones for x in z["unusable_index"])
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         assert f"[{doc['system']['thp']['enabled']}]" in f.read()
-
-
