@@ -5,6 +5,7 @@ share no code with memdefragd (so the tests compare two independent computations
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -148,15 +149,11 @@ class Child:
     def stop(self) -> None:
         """Teardown: close stdin, kill, reap. Safe to call twice."""
         if self.popen.stdin and not self.popen.stdin.closed:
-            try:
+            with contextlib.suppress(OSError):
                 self.popen.stdin.close()
-            except OSError:
-                pass
         if self.popen.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.popen.wait()
         if self.popen.stdout:
             self.popen.stdout.close()
