@@ -19,8 +19,9 @@ PMD_ORDER = 9
 PMD_PAGES = 1 << PMD_ORDER
 PMD_SIZE = PAGE_SIZE * PMD_PAGES
 
-# VmFlags (see proc(5)) that make a VMA unfit for THP collapse.
-_NO_COLLAPSE_FLAGS = frozenset({"nh", "ht", "pf", "io", "dd"})
+# VmFlags (proc(5)) that make MADV_COLLAPSE refuse a VMA: VM_NOHUGEPAGE, and the kernel's
+# VM_NO_KHUGEPAGED = VM_SPECIAL (io, de, pf, mm) | VM_HUGETLB (ht).
+_NO_COLLAPSE_FLAGS = frozenset({"nh", "ht", "pf", "io", "de", "mm"})
 
 
 class ProcessGone(Exception):

@@ -95,6 +95,7 @@ def parse_stat(text: str) -> dict[str, int | str]:
     }
 
 
+PF_EXITING = 0x00000004
 PF_KTHREAD = 0x00200000
 
 

@@ -113,9 +113,9 @@ def test_half_collapsed_mapping_thp_figures(spawn, any_backend):
             False,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="the fallback marks every page of a THP folio as PMD-mapped from "
-                "KPF_THP, also when the folio is mapped by PTEs "
-                "(backends/kernel/pagemap.py PagemapReader._thp_from_kpageflags)",
+                reason="known limitation of kernels without PAGEMAP_SCAN (< 6.7): "
+                "/proc/kpageflags marks a THP folio the same whether it is mapped by a PMD "
+                "or by PTEs, so the fallback counts a PTE-mapped 2 MiB folio as THP",
             ),
         ),
     ],
@@ -428,12 +428,6 @@ def test_memory_state(backend):
 # ---- VmFlags and MADV_COLLAPSE ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py _NO_COLLAPSE_FLAGS lists 'dd' (VM_DONTDUMP), which does not stop "
-    "MADV_COLLAPSE; the kernel's VM_NO_KHUGEPAGED is VM_SPECIAL|VM_HUGETLB, i.e. "
-    "io, de (VM_DONTEXPAND), pf, mm (VM_MIXEDMAP), ht",
-)
 def test_dontdump_mapping_is_collapse_eligible(spawn, backend):
     child = spawn(8 * MiB, advise=[MADV_DONTDUMP], collapse=(0, 2 * MiB))
     require_collapsed(child)  # the kernel collapsed a VM_DONTDUMP mapping...

@@ -78,6 +78,9 @@ class KernelBackend:
             d.check_identity(proc)
             fd = d.open("pagemap")
             try:
+                # An exited process's pagemap has no mm behind it; some kernels mishandled
+                # PAGEMAP_SCAN on such a file, so do not even try.
+                d.check_identity(proc, alive=True)
                 reader = PagemapReader(fd, self._kpageflags(), self.use_scan)
                 layouts = [
                     _empty(v, visible)

@@ -75,12 +75,16 @@ class ProcDir:
             rss=int(stat["rss_pages"]) * PAGE_SIZE,
         )
 
-    def check_identity(self, proc: ProcessInfo) -> str:
-        """Raise ProcessGone if this is not the process `proc` describes; return its state."""
+    def check_identity(self, proc: ProcessInfo, *, alive: bool = False) -> str:
+        """Raise ProcessGone if this is not the process `proc` describes (or, with `alive`,
+        if it is exiting or a zombie); return its state."""
         stat = procfs.parse_stat(self.read_text("stat"))
         if int(stat["start_time"]) != proc.start_time:
             raise ProcessGone(f"pid {self.pid}: reused by another process")
-        return str(stat["state"])
+        state = str(stat["state"])
+        if alive and (state in ("Z", "X") or int(stat["flags"]) & procfs.PF_EXITING):
+            raise ProcessGone(f"pid {self.pid}: exiting")
+        return state
 
 
 def _cgroup(d: ProcDir) -> str:
