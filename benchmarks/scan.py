@@ -8,15 +8,20 @@ round and keeping the best of --repeat rounds for each:
 
   (a) raw         one os.preadv of the whole VMA's pagemap range into a preallocated
                   buffer: what fetching the kernel's answer costs, nothing else
-  (b) end to end  KernelBackend list_vmas + read_layouts + vma_metrics for every VMA of
-                  the process + rollup: what a daemon cycle does for one process
-  (c) fallback    (b) with use_scan=False (whole-VMA pagemap reads + /proc/kpageflags)
+  (b) scan        report.scan_process without detail: the VMA list from /proc/PID/maps,
+                  then pagemap read in windows (PAGEMAP_SCAN first for sparse VMAs, or only
+                  over THP candidates for dense ones), the metrics of every VMA folded
+                  window by window, and the per-process rollup (the daemon's periodic scan)
+  (c) report      the same with detail: the VMA list from /proc/PID/smaps (Rss,
+                  AnonHugePages, VmFlags), whose generation walks every page table of
+                  the target once more (what `memdefragd report` does)
+  (d) fallback    (b) with use_scan=False (whole-VMA pagemap reads + /proc/kpageflags)
 
 Rates are pages per second counting the big VMA's pages; the target is (b)/(a) >= 0.5.
-An instrumented pass splits (b) into smaps, PAGEMAP_SCAN, pagemap reads, the rest of
-read_layouts and metrics; /proc/PID/maps (the VMA list without smaps' page-table walk) is
-timed for reference. Peak RSS (ru_maxrss) of this scanning process is shown after each
-phase and as a ratio to the target's size. Frame numbers need CAP_SYS_ADMIN (root).
+An instrumented pass splits (b) into the VMA list, PAGEMAP_SCAN, pagemap reads, the THP
+candidate check and the rest (decode, metrics, rollup). Peak RSS (ru_maxrss) of this
+scanning process is shown after each phase and as a ratio to the target's size. Frame
+numbers need CAP_SYS_ADMIN.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memdefragd.backends.kernel as kernel_backend
 from memdefragd.backends.kernel import KernelBackend
-from memdefragd.layout import rollup, vma_metrics
+from memdefragd.report import scan_process
 
 PAGE = 4096
 MiB = 1 << 20
@@ -74,17 +79,11 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
-def end_to_end(backend: KernelBackend, proc, max_ptes_none: int):
-    vmas = backend.list_vmas(proc)
-    layouts = backend.read_layouts(proc, vmas)
-    metrics = [
-        vma_metrics(lay, max_ptes_none=max_ptes_none, collapse_eligible=v.collapse_eligible)
-        for v, lay in zip(vmas, layouts, strict=True)
-    ]
-    return vmas, metrics, rollup(metrics)
+def end_to_end(backend: KernelBackend, proc, max_ptes_none: int, detail: bool):
+    return scan_process(backend, proc, detail=detail, max_ptes_none=max_ptes_none)
 
 
-INNER = ("PAGEMAP_SCAN", "pagemap reads + decode", "kpageflags")
+INNER = ("PAGEMAP_SCAN", "pagemap reads", "THP candidates")
 
 
 def breakdown(backend: KernelBackend, proc, max_ptes_none: int, repeat: int) -> dict:
@@ -104,31 +103,34 @@ def breakdown(backend: KernelBackend, proc, max_ptes_none: int, repeat: int) -> 
 
         return wrapper
 
-    methods = ("_scan", "_read_window", "_thp_from_kpageflags")
+    methods = ("_scan", "_read_span", "_thp_of_candidates")
     reader = type(
         "TimedReader", (base,), {m: clock(m, k) for m, k in zip(methods, INNER, strict=True)}
     )
+    list_vmas = backend.list_vmas
+
+    def timed_list_vmas(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return list_vmas(*a, **kw)
+        finally:
+            acc["VMA list (/proc/PID/maps)"] = time.perf_counter() - t0
+
     best: dict[str, float] = {}
     kernel_backend.PagemapReader = reader
+    backend.list_vmas = timed_list_vmas
     try:
         for _ in range(repeat):
             acc.clear()
             t0 = time.perf_counter()
-            vmas = backend.list_vmas(proc)
-            t1 = time.perf_counter()
-            layouts = backend.read_layouts(proc, vmas)
-            t2 = time.perf_counter()
-            rollup([vma_metrics(lay, max_ptes_none=max_ptes_none) for lay in layouts])
-            t3 = time.perf_counter()
-            t_vmas, t_read, t_metrics = t1 - t0, t2 - t1, t3 - t2
-            run = {"smaps (list_vmas)": t_vmas, **acc}
-            run["rest of read_layouts"] = t_read - sum(acc.values())
-            run["metrics + rollup"] = t_metrics
-            run["total"] = t_vmas + t_read + t_metrics
+            end_to_end(backend, proc, max_ptes_none, detail=False)
+            run = {"total": time.perf_counter() - t0, **acc}
+            run["decode, metrics, rollup"] = run["total"] - sum(acc.values())
             if not best or run["total"] < best["total"]:
                 best = run
     finally:
         kernel_backend.PagemapReader = base
+        del backend.list_vmas
     return best
 
 
@@ -164,14 +166,21 @@ def main() -> int:
         max_ptes_none = backend.memory_state().max_ptes_none
         proc = backend.process(child.pid)
         vma = next(v for v in backend.list_vmas(proc) if v.start == addr)
-        rss["ready (one smaps read)"] = maxrss()
+        rss["ready"] = maxrss()
 
         # First passes, in this order, so each phase's memory shows on its own.
-        vmas, metrics, roll = end_to_end(backend, proc, max_ptes_none)
-        big = next(m for v, m in zip(vmas, metrics, strict=True) if v.start == addr)
+        scanned = end_to_end(backend, proc, max_ptes_none, detail=False)
         rss["after (b)"] = maxrss()
-        _, fb_metrics, _ = end_to_end(fallback, proc, max_ptes_none)
+        reported = end_to_end(backend, proc, max_ptes_none, detail=True)
         rss["after (c)"] = maxrss()
+        fell_back = end_to_end(fallback, proc, max_ptes_none, detail=False)
+        rss["after (d)"] = maxrss()
+        big = next(r.metrics for r in scanned.vmas if r.vma.start == addr)
+        same = {
+            name: next(r.metrics for r in rep.vmas if r.vma.start == addr).contiguity
+            == big.contiguity
+            for name, rep in (("(c)", reported), ("(d)", fell_back))
+        }
         buf = np.empty(vma.size // PAGE, dtype=np.uint64)
         view = memoryview(buf).cast("B")
         fd = os.open(f"/proc/{child.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -182,13 +191,15 @@ def main() -> int:
         try:
             got = raw()
             rss["after (a) (+ its own buffer)"] = maxrss()
-            best = {"a": float("inf"), "b": float("inf"), "c": float("inf"), "maps": float("inf")}
+            best = dict.fromkeys(("a", "b", "c", "d", "maps", "smaps"), float("inf"))
             for _ in range(args.repeat):
                 for key, fn in (
                     ("a", raw),
-                    ("b", lambda: end_to_end(backend, proc, max_ptes_none)),
-                    ("c", lambda: end_to_end(fallback, proc, max_ptes_none)),
+                    ("b", lambda: end_to_end(backend, proc, max_ptes_none, False)),
+                    ("c", lambda: end_to_end(backend, proc, max_ptes_none, True)),
+                    ("d", lambda: end_to_end(fallback, proc, max_ptes_none, False)),
                     ("maps", lambda: Path(f"/proc/{child.pid}/maps").read_bytes()),
+                    ("smaps", lambda: Path(f"/proc/{child.pid}/smaps").read_bytes()),
                 ):
                     best[key] = min(best[key], timed(fn)[0])
         finally:
@@ -208,7 +219,7 @@ def main() -> int:
         print(f"short pagemap read: {got} of {buf.nbytes} bytes", file=sys.stderr)
         return 1
     raw_present = int(np.count_nonzero(buf >> np.uint64(63)))
-    rates = {k: npages / best[k] for k in ("a", "b", "c")}
+    rates = {k: npages / best[k] for k in ("a", "b", "c", "d")}
     ratio = rates["b"] / rates["a"]
 
     w = 36
@@ -222,18 +233,23 @@ def main() -> int:
     line_("populated in", f"{populate:.1f} s", "(setup, not measured)")
     line_("big VMA present pages", f"{big.present_pages:,}", f"raw read saw {raw_present:,}")
     line_("big VMA THP pages", f"{big.thp_pages:,}", f"smaps AnonHugePages {vma.anon_huge}")
-    line_("VMAs scanned", f"{len(vmas)}", f"{roll.present_pages:,} present pages in all")
+    line_(
+        "VMAs with present pages",
+        f"{len(scanned.vmas)}",
+        f"{scanned.totals.present_pages:,} present pages in all",
+    )
     line_("PFNs visible", str(vis.visible), vis.reason[:48])
     if big.contiguity is not None:
-        c, f = big.contiguity, fb_metrics[[v.start for v in vmas].index(addr)].contiguity
+        c = big.contiguity
         line_("big VMA runs", f"{c.runs:,}", f"largest {c.largest_run:,}, mean {c.mean_run:.1f}")
-        line_("fallback agrees", str(f == c))
+        line_("(c) and (d) agree with (b)", str(all(same.values())), str(same))
     print()
     print(f"  {'throughput':<{w}} {'pages/s':>14}  {'time':>9}  {'vs (a)':>6}")
     for key, label in (
         ("a", "(a) raw preadv of pagemap"),
-        ("b", "(b) end to end, PAGEMAP_SCAN"),
-        ("c", "(c) end to end, kpageflags path"),
+        ("b", "(b) scan: maps + pagemap"),
+        ("c", "(c) report: smaps + pagemap"),
+        ("d", "(d) scan, kpageflags fallback"),
     ):
         print(
             f"  {label:<{w}} {rates[key]:>14,.0f}  {best[key] * 1e3:>7.1f}ms"
@@ -244,18 +260,19 @@ def main() -> int:
     print()
     total = parts["total"]
     print(f"  {'breakdown of (b), instrumented':<{w}} {'time':>14}  {'share':>9}")
-    for key in ("smaps (list_vmas)", *INNER, "rest of read_layouts", "metrics + rollup", "total"):
+    keys = ("VMA list (/proc/PID/maps)", *INNER, "decode, metrics, rollup", "total")
+    for key in keys:
         if key in parts:
             print(f"  {key:<{w}} {parts[key] * 1e3:>12.1f}ms  {parts[key] / total:>9.0%}")
-    ref = best["maps"]
+    ref = best["smaps"]
     print(
-        f"  {'for reference: read /proc/PID/maps':<{w}} {ref * 1e3:>12.1f}ms  {ref / total:>9.0%}"
+        f"  {'for reference: read /proc/PID/smaps':<{w}} {ref * 1e3:>12.1f}ms  {ref / total:>9.0%}"
     )
     print()
     print(f"  {'peak RSS of the scanner':<{w}} {'ru_maxrss':>14}  {'/ target':>9}")
     for label, value in rss.items():
         print(f"  {label:<{w}} {value / MiB:>11.1f}MiB  {value / size:>9.2%}")
-    grow = rss["after (b)"] - rss["ready (one smaps read)"]
+    grow = rss["after (b)"] - rss["ready"]
     print(f"  {'growth during the first (b)':<{w}} {grow / MiB:>11.1f}MiB  {grow / size:>9.2%}")
     return 0
 

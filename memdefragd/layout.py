@@ -11,12 +11,19 @@ Definitions (DESIGN.md, "Metrics over a layout"):
   ``512 - max_ptes_none`` present pages (khugepaged's rule);
 - an *aligned-contiguous* region is one whose 512 frames are present, contiguous and
   512-aligned but not yet PMD-mapped (it can be promoted in place).
+
+A VMA's layout may arrive in windows (consecutive Layouts whose bounds are multiples of
+the PMD size, except at the VMA's ends), so that memory stays bounded by the window, not
+by the target: `VmaAccumulator` folds them in order. Runs are kept as a histogram (run
+length -> count), which is all that coverage@K and runs_for(p) need and which stays small.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -24,6 +31,9 @@ from .model import PMD_PAGES, Layout
 
 DEFAULT_KS = (32, 128)
 DEFAULT_PS = (0.9, 0.99)
+
+RunHistogram = tuple[np.ndarray, np.ndarray]  # (distinct lengths ascending, counts)
+_EMPTY_HIST: RunHistogram = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +54,7 @@ class VmaMetrics:
     collapsible_regions: int
     aligned_contiguous_regions: int | None  # None: PFNs not visible
     contiguity: Contiguity | None  # None: PFNs not visible
-    run_lengths: np.ndarray | None  # kept for per-process rollups
+    run_hist: RunHistogram | None  # kept for per-process rollups
 
     @property
     def thp_coverage(self) -> float | None:
@@ -58,28 +68,80 @@ def run_lengths(vpn: np.ndarray, pfn: np.ndarray) -> np.ndarray:
     n = vpn.size
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    return np.diff(np.append(_run_starts(vpn, pfn), n))
+
+
+def _run_starts(vpn: np.ndarray, pfn: np.ndarray) -> np.ndarray:
+    """Indices where a run starts (0 included)."""
     step_ok = (np.diff(vpn) == 1) & (np.diff(pfn) == 1)
-    starts = np.flatnonzero(np.concatenate(([True], ~step_ok)))
-    return np.diff(np.append(starts, n)).astype(np.int64)
+    starts = np.flatnonzero(~step_ok)
+    starts += 1
+    return np.concatenate((np.zeros(1, np.int64), starts))
+
+
+def histogram(lengths: np.ndarray) -> RunHistogram:
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    return values, counts.astype(np.int64)
+
+
+def merge_histograms(hists: Iterable[RunHistogram]) -> RunHistogram:
+    hs = [h for h in hists if h[0].size]
+    if not hs:
+        return _EMPTY_HIST
+    if len(hs) == 1:
+        return hs[0]
+    values, inverse = np.unique(np.concatenate([h[0] for h in hs]), return_inverse=True)
+    counts = np.zeros(values.size, np.int64)
+    np.add.at(counts, inverse, np.concatenate([h[1] for h in hs]))
+    return values, counts
 
 
 def contiguity(
     lengths: np.ndarray, ks: Sequence[int] = DEFAULT_KS, ps: Sequence[float] = DEFAULT_PS
 ) -> Contiguity:
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
+    return contiguity_from_histogram(histogram(lengths), ks, ps)
+
+
+def contiguity_from_histogram(
+    hist: RunHistogram, ks: Sequence[int] = DEFAULT_KS, ps: Sequence[float] = DEFAULT_PS
+) -> Contiguity:
+    values, counts = hist
+    if values.size == 0:
         return Contiguity(0, 0, 0.0, {k: 0.0 for k in ks}, {p: 0 for p in ps})
-    desc = np.sort(lengths)[::-1]
-    cum = np.cumsum(desc)
-    coverage = {k: float(cum[min(k, desc.size) - 1]) / total for k in ks}
-    runs_for = {p: int(np.searchsorted(cum, p * total, side="left")) + 1 for p in ps}
+    v, c = values[::-1], counts[::-1]  # largest runs first
+    cum_runs = np.cumsum(c)
+    cum_pages = np.cumsum(v * c)
+    total, nruns = int(cum_pages[-1]), int(cum_runs[-1])
+
+    def pages_in_top(k: int) -> int:
+        if k <= 0:
+            return 0
+        i = int(np.searchsorted(cum_runs, k, side="left"))
+        if i >= v.size:
+            return total
+        before_runs = int(cum_runs[i - 1]) if i else 0
+        before_pages = int(cum_pages[i - 1]) if i else 0
+        return before_pages + (k - before_runs) * int(v[i])
+
+    def fewest_runs(p: float) -> int:
+        # p as the decimal the user wrote (0.07, not 0.07000000000000000666), exactly.
+        target = Fraction(str(p)) * total
+        i = min(int(np.searchsorted(cum_pages, float(target), side="left")), v.size - 1)
+        while i and cum_pages[i - 1] >= target:  # the float search may overshoot by one
+            i -= 1
+        while i < v.size - 1 and cum_pages[i] < target:
+            i += 1
+        before_runs = int(cum_runs[i - 1]) if i else 0
+        before_pages = int(cum_pages[i - 1]) if i else 0
+        need = math.ceil((target - before_pages) / int(v[i]))
+        return before_runs + min(max(need, 0), int(c[i]))
+
     return Contiguity(
-        runs=int(desc.size),
-        largest_run=int(desc[0]),
-        mean_run=total / desc.size,
-        coverage=coverage,
-        runs_for=runs_for,
+        runs=nruns,
+        largest_run=int(v[0]),
+        mean_run=total / nruns,
+        coverage={k: pages_in_top(k) / total for k in ks},
+        runs_for={p: fewest_runs(p) for p in ps},
     )
 
 
@@ -90,8 +152,103 @@ def aligned_bounds(start_vpn: int, end_vpn: int, pmd_pages: int = PMD_PAGES) -> 
     return first, max(first, last)
 
 
+class VmaAccumulator:
+    """Folds the windows of one VMA's layout, in virtual order, into VmaMetrics."""
+
+    def __init__(
+        self,
+        start_vpn: int,
+        end_vpn: int,
+        pfn_known: bool,
+        *,
+        max_ptes_none: int = PMD_PAGES - 1,
+        collapse_eligible: bool = True,
+        pmd_pages: int = PMD_PAGES,
+    ):
+        self.first, self.last = aligned_bounds(start_vpn, end_vpn, pmd_pages)
+        self.pfn_known = pfn_known
+        self.need = max(pmd_pages - max_ptes_none, 1)
+        self.eligible = collapse_eligible
+        self.pmd = pmd_pages
+        self.present = self.thp = self.thp_regions = self.collapsible = self.aligned_contig = 0
+        self.hists: list[RunHistogram] = []
+        self.pending: tuple[int, int, int] | None = None  # last run: (vpn, pfn, length)
+
+    def add(self, layout: Layout) -> None:
+        vpn, pfn, thp = layout.vpn, layout.pfn, layout.thp
+        n = vpn.size
+        self.present += n
+        self.thp += int(np.count_nonzero(thp))
+        self.pfn_known &= layout.pfn_known
+        starts = _run_starts(vpn, pfn) if (self.pfn_known and n) else None
+        self._regions(layout, starts)
+        if starts is not None:
+            self._runs(vpn, pfn, starts)
+
+    def _regions(self, layout: Layout, starts: np.ndarray | None) -> None:
+        lo = max(self.first, -(-layout.start_vpn // self.pmd) * self.pmd)
+        hi = min(self.last, layout.end_vpn // self.pmd * self.pmd)
+        if hi <= lo:
+            return
+        vpn = layout.vpn
+        bounds = np.arange(lo, hi + 1, self.pmd, dtype=np.uint64)
+        pos = np.searchsorted(vpn, bounds)  # vpn is sorted: region r is pos[r]:pos[r+1]
+        heads, present = pos[:-1], np.diff(pos)
+        full = present == self.pmd
+        flagged = np.flatnonzero(layout.thp)  # a region is huge only if all its pages are
+        is_thp = full & (np.diff(np.searchsorted(flagged, pos)) == self.pmd)
+        self.thp_regions += int(np.count_nonzero(is_thp))
+        if self.eligible:
+            self.collapsible += int(np.count_nonzero(~is_thp & (present >= self.need)))
+        if starts is None:
+            return
+        h = heads[full & ~is_thp]
+        if h.size == 0:
+            return
+        # Contiguous iff no run starts inside (head, head + pmd) and the head is aligned.
+        inner = np.searchsorted(starts, h + self.pmd, "left") - np.searchsorted(starts, h, "right")
+        ok = (inner == 0) & (layout.pfn[h] % np.uint64(self.pmd) == 0)
+        self.aligned_contig += int(np.count_nonzero(ok))
+
+    def _runs(self, vpn: np.ndarray, pfn: np.ndarray, starts: np.ndarray) -> None:
+        lengths = np.diff(np.append(starts, vpn.size))
+        if self.pending is not None:
+            pv, pp, plen = self.pending
+            if int(vpn[0]) == pv + 1 and int(pfn[0]) == pp + 1:
+                lengths[0] += plen  # the previous window's last run goes on
+            else:
+                self.hists.append((np.array([plen]), np.ones(1, np.int64)))
+        self.pending = (int(vpn[-1]), int(pfn[-1]), int(lengths[-1]))
+        if lengths.size > 1:
+            self.hists.append(histogram(lengths[:-1]))
+        if len(self.hists) > 64:
+            self.hists = [merge_histograms(self.hists)]
+
+    def finish(
+        self, ks: Sequence[int] = DEFAULT_KS, ps: Sequence[float] = DEFAULT_PS
+    ) -> VmaMetrics:
+        hist = cont = aligned = None
+        if self.pfn_known:
+            if self.pending is not None:
+                self.hists.append((np.array([self.pending[2]]), np.ones(1, np.int64)))
+                self.pending = None
+            hist = merge_histograms(self.hists)
+            cont = contiguity_from_histogram(hist, ks, ps)
+            aligned = self.aligned_contig
+        return VmaMetrics(
+            present_pages=self.present,
+            thp_pages=self.thp,
+            aligned_regions=(self.last - self.first) // self.pmd,
+            thp_regions=self.thp_regions,
+            collapsible_regions=self.collapsible,
+            aligned_contiguous_regions=aligned,
+            contiguity=cont,
+            run_hist=hist,
+        )
+
+
 def vma_metrics(
-    layout: Layout,
+    layout: Layout | Sequence[Layout],
     *,
     max_ptes_none: int = PMD_PAGES - 1,
     collapse_eligible: bool = True,
@@ -99,56 +256,19 @@ def vma_metrics(
     ps: Sequence[float] = DEFAULT_PS,
     pmd_pages: int = PMD_PAGES,
 ) -> VmaMetrics:
-    vpn, pfn, thp = layout.vpn, layout.pfn, layout.thp
-    first, last = aligned_bounds(layout.start_vpn, layout.end_vpn, pmd_pages)
-    nregions = (last - first) // pmd_pages
-
-    inside = (vpn >= first) & (vpn < last)
-    idx = np.flatnonzero(inside)
-    region = ((vpn[idx] - first) // pmd_pages).astype(np.int64)
-    present = np.bincount(region, minlength=nregions)
-    thp_count = np.bincount(region, weights=thp[idx], minlength=nregions)
-    is_thp = thp_count >= pmd_pages
-    need = pmd_pages - max_ptes_none
-    collapsible = (~is_thp) & (present >= max(need, 1)) if collapse_eligible else np.zeros(0)
-
-    lengths = aligned_contig = cont = None
-    if layout.pfn_known:
-        lengths = run_lengths(vpn, pfn)
-        cont = contiguity(lengths, ks, ps)
-        aligned_contig = _aligned_contiguous(vpn, pfn, idx, region, present, is_thp, pmd_pages)
-
-    return VmaMetrics(
-        present_pages=int(vpn.size),
-        thp_pages=int(np.count_nonzero(thp)),
-        aligned_regions=int(nregions),
-        thp_regions=int(np.count_nonzero(is_thp)),
-        collapsible_regions=int(np.count_nonzero(collapsible)),
-        aligned_contiguous_regions=aligned_contig,
-        contiguity=cont,
-        run_lengths=lengths,
+    """Metrics of one VMA from its whole layout, or from its windows in order."""
+    windows = [layout] if isinstance(layout, Layout) else list(layout)
+    acc = VmaAccumulator(
+        windows[0].start_vpn,
+        windows[-1].end_vpn,
+        all(w.pfn_known for w in windows),
+        max_ptes_none=max_ptes_none,
+        collapse_eligible=collapse_eligible,
+        pmd_pages=pmd_pages,
     )
-
-
-def _aligned_contiguous(
-    vpn: np.ndarray,
-    pfn: np.ndarray,
-    idx: np.ndarray,
-    region: np.ndarray,
-    present: np.ndarray,
-    is_thp: np.ndarray,
-    pmd_pages: int,
-) -> int:
-    full = np.flatnonzero((present == pmd_pages) & ~is_thp)
-    if full.size == 0:
-        return 0
-    # A full region's pages are consecutive entries of the layout; its head is the first.
-    heads = idx[np.searchsorted(region, full, side="left")]
-    tails = heads + pmd_pages - 1
-    # Count unit pfn steps from head to tail: all 511 must be +1, and the head aligned.
-    steps = np.concatenate(([0], np.cumsum(np.diff(pfn.astype(np.int64)) == 1)))
-    ok = ((steps[tails] - steps[heads]) == pmd_pages - 1) & (pfn[heads] % pmd_pages == 0)
-    return int(np.count_nonzero(ok))
+    for w in windows:
+        acc.add(w)
+    return acc.finish(ks, ps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +296,12 @@ def rollup(
 ) -> Rollup:
     """Per-process totals; contiguity over all the process's runs (one TLB serves them)."""
     ms = list(metrics)
-    known = all(m.contiguity is not None for m in ms)
-    cont = None
-    ac = None
+    known = all(m.run_hist is not None for m in ms)
+    cont = ac = None
     if known:
-        lengths = [m.run_lengths for m in ms if m.run_lengths is not None]
-        cont = contiguity(np.concatenate(lengths) if lengths else np.zeros(0), ks, ps)
+        cont = contiguity_from_histogram(
+            merge_histograms(m.run_hist for m in ms if m.run_hist is not None), ks, ps
+        )
         ac = sum(m.aligned_contiguous_regions or 0 for m in ms)
     return Rollup(
         vmas=len(ms),

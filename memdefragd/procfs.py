@@ -40,7 +40,7 @@ def parse_smaps(text: str) -> list[Vma]:
                 offset=int(header["offset"], 16),
                 dev=header["dev"],
                 inode=int(header["inode"]),
-                path=(header["path"] or "").strip(),
+                path=header["path"] or "",  # padding is eaten by the regex; keep the rest
                 fields=MappingProxyType(dict(fields)),
                 vmflags=vmflags,
             )
@@ -130,18 +130,26 @@ def parse_buddyinfo(text: str) -> list[ZoneFree]:
             if line.strip():
                 raise ParseError(f"buddyinfo line {lineno}: unexpected text {line[:80]!r}")
             continue
-        zones.append(ZoneFree(int(m[1]), m[2], tuple(int(x) for x in m[3].split())))
+        try:
+            free = tuple(int(x) for x in m[3].split())
+        except ValueError as e:
+            raise ParseError(f"buddyinfo line {lineno}: bad count in {line[:80]!r}") from e
+        zones.append(ZoneFree(int(m[1]), m[2], free))
     return zones
 
 
 def parse_pagetypeinfo(text: str) -> dict[tuple[int, str, str], tuple[int, ...]]:
-    """Free blocks per order per migrate type: {(node, zone, type): counts}."""
+    """Free blocks per order per migrate type: {(node, zone, type): counts}.
+
+    Since Linux 5.5 a count above 100000 prints as '>100000'; we read it as 100000, a
+    lower bound.
+    """
     out: dict[tuple[int, str, str], tuple[int, ...]] = {}
-    pat = re.compile(r"^Node\s+(\d+),\s+zone\s+(\S+),\s+type\s+(\S+)\s+((?:\d+\s*)+)$")
+    pat = re.compile(r"^Node\s+(\d+),\s+zone\s+(\S+),\s+type\s+(\S+)\s+((?:>?\d+\s*)+)$")
     for line in text.splitlines():
         m = pat.match(line.strip())
         if m:
-            out[(int(m[1]), m[2], m[3])] = tuple(int(x) for x in m[4].split())
+            out[(int(m[1]), m[2], m[3])] = tuple(int(x.lstrip(">")) for x in m[4].split())
     return out
 
 

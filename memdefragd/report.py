@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from . import buddy
 from .backends import Backend
-from .layout import DEFAULT_KS, DEFAULT_PS, Rollup, VmaMetrics, rollup, vma_metrics
+from .layout import DEFAULT_KS, DEFAULT_PS, Rollup, VmaAccumulator, VmaMetrics, rollup
 from .model import (
+    PAGE_SHIFT,
     PAGE_SIZE,
     PMD_PAGES,
     PMD_SIZE,
@@ -72,38 +73,36 @@ def scan_process(
     proc: ProcessInfo,
     *,
     target: str | None = None,
+    detail: bool = True,
     max_ptes_none: int = PMD_PAGES - 1,
     ks: Sequence[int] = DEFAULT_KS,
     ps: Sequence[float] = DEFAULT_PS,
 ) -> ProcessReport:
-    """Scan one process; raises ProcessGone or AccessDenied."""
-    vmas = backend.list_vmas(proc)
-    resident = [v for v in vmas if v.rss > 0]
-    read_many = getattr(backend, "read_layouts", None)
-    if read_many is not None:
-        layouts = read_many(proc, resident)
-    else:
-        layouts = [backend.read_layout(proc, v) for v in resident]
-    reports = tuple(
-        VmaReport(
-            v,
-            vma_metrics(
-                lay,
-                max_ptes_none=max_ptes_none,
-                collapse_eligible=v.collapse_eligible,
-                ks=ks,
-                ps=ps,
-            ),
+    """Scan one process, window by window; raises ProcessGone or AccessDenied.
+
+    With `detail`, VMAs come from smaps and those with nothing resident are not read;
+    without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply.
+    """
+    vmas = backend.list_vmas(proc, detail=detail)
+    wanted = [v for v in vmas if v.rss > 0] if detail else vmas
+    visible = backend.pfn_visibility().visible
+    accs = [
+        VmaAccumulator(
+            v.start >> PAGE_SHIFT,
+            v.end >> PAGE_SHIFT,
+            visible,
+            max_ptes_none=max_ptes_none,
+            collapse_eligible=v.collapse_eligible,
         )
-        for v, lay in zip(resident, layouts, strict=True)
-    )
-    return ProcessReport(
-        proc,
-        target,
-        reports,
-        rollup((r.metrics for r in reports), ks, ps),
-        len(vmas) - len(resident),
-    )
+        for v in wanted
+    ]
+    for i, window in backend.iter_layouts(proc, wanted):
+        accs[i].add(window)
+    reports = tuple(VmaReport(v, a.finish(ks, ps)) for v, a in zip(wanted, accs, strict=True))
+    if not detail:
+        reports = tuple(r for r in reports if r.metrics.present_pages)
+    totals = rollup((r.metrics for r in reports), ks, ps)
+    return ProcessReport(proc, target, reports, totals, len(vmas) - len(reports))
 
 
 def build_report(

@@ -75,11 +75,19 @@ def scan(backend, child):
     return vma, layout, metrics
 
 
-@pytest.fixture(params=["scan", "fallback"])
+@pytest.fixture(params=["scan", "sparse", "dense", "windowed", "fallback"])
 def any_backend(request):
-    """KernelBackend through PAGEMAP_SCAN, and through the /proc/kpageflags fallback."""
+    """KernelBackend on every read path: automatic, PAGEMAP_SCAN of present ranges first
+    (sparse), straight reads with PAGEMAP_SCAN of THP candidates only (dense), and the
+    /proc/kpageflags fallback of kernels without PAGEMAP_SCAN; and with 4 MiB windows, so
+    that a VMA is read in many pieces."""
     if request.param == "scan":
         return request.getfixturevalue("backend")
+    if request.param in ("sparse", "dense", "windowed"):
+        kw = {"window_pages": 2 * PMD_PAGES} if request.param == "windowed" else {}
+        b = KernelBackend(density=request.param if request.param != "windowed" else "auto", **kw)
+        request.addfinalizer(b.close)
+        return b
     request.getfixturevalue("pfns")  # the fallback finds THPs from frame numbers
     return request.getfixturevalue("fallback_backend")
 
@@ -176,7 +184,8 @@ def test_contiguity_matches_brute_force(spawn, any_backend, pfns):
     runs = brute_runs(entries)
     want = brute_contiguity(runs)
     c = m.contiguity
-    assert sorted(m.run_lengths.tolist()) == sorted(runs)
+    values, counts = m.run_hist
+    assert np.repeat(values, counts).tolist() == sorted(runs)
     assert c.runs == want["runs"]
     assert c.largest_run == want["largest_run"]
     assert c.mean_run == pytest.approx(want["mean_run"], rel=1e-12)
@@ -196,9 +205,11 @@ def test_contiguity_matches_brute_force(spawn, any_backend, pfns):
     assert m.collapsible_regions == sum(not r["thp"] and r["present"] >= need for r in regions)
 
 
-def test_fallback_and_scan_agree(spawn, backend, fallback_backend, pfns):
+@pytest.mark.parametrize("density", ["sparse", "dense"])
+def test_fallback_and_scan_agree(spawn, fallback_backend, pfns, density):
     child = spawn(32 * MiB, collapse=(4 * MiB, 8 * MiB), punch=[(20 * MiB, 8 * MiB, 13)])
     require_collapsed(child)
+    backend = KernelBackend(density=density)
 
     def both():
         return scan(backend, child), scan(fallback_backend, child)
@@ -238,7 +249,7 @@ print(json.dumps({
     "anon_huge": vma.anon_huge,
     "contiguity": None if m.contiguity is None else m.contiguity.runs,
     "aligned_contiguous_regions": m.aligned_contiguous_regions,
-    "run_lengths": None if m.run_lengths is None else len(m.run_lengths),
+    "run_hist": None if m.run_hist is None else len(m.run_hist[0]),
 }))
 """
 
@@ -273,7 +284,7 @@ def test_no_cap_sys_admin_hides_pfns_but_not_thps(spawn):
     assert got["pfn_known"] is False
     assert got["pfn_nonzero"] == 0  # the kernel really zeroes them
     assert got["contiguity"] is None
-    assert got["run_lengths"] is None
+    assert got["run_hist"] is None
     assert got["aligned_contiguous_regions"] is None
     # PAGEMAP_SCAN needs no CAP_SYS_ADMIN: THPs are still known exactly
     assert got["present_pages"] == 16 * MiB // PAGE
@@ -308,7 +319,7 @@ def test_exit_between_list_vmas_and_read_layouts(spawn, use_scan):
 @pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
 @pytest.mark.parametrize(
     ("use_scan", "hook"),
-    [(True, "_scan"), (True, "_read_window"), (False, "_read_window")],
+    [(True, "_scan"), (True, "_read_span"), (False, "_read_span")],
     ids=["scan-before-ioctl", "scan-before-pread", "fallback-before-pread"],
 )
 def test_exit_while_reading_pagemap(spawn, monkeypatch, use_scan, hook, reap):
@@ -329,7 +340,7 @@ def test_exit_while_reading_pagemap(spawn, monkeypatch, use_scan, hook, reap):
 
     setattr(KillingReader, hook, killing)
     monkeypatch.setattr(kernel_backend, "PagemapReader", KillingReader)
-    b = KernelBackend(use_scan=use_scan)
+    b = KernelBackend(use_scan=use_scan, density="sparse" if use_scan else "auto")
     try:
         proc = b.process(child.pid)
         vmas = b.list_vmas(proc)

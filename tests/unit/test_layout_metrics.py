@@ -10,6 +10,7 @@ are fully present and mapped by one aligned, contiguous huge page.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -267,6 +268,23 @@ def metrics_of(case: Case, **kw):
     return vma_metrics(case.layout, pmd_pages=case.pmd, **kw)
 
 
+def hist_list(hist) -> list[int]:
+    """A run histogram (lengths, counts) as the sorted list of run lengths."""
+    values, counts = hist
+    return np.repeat(values, counts).tolist()
+
+
+def windows_of(case: Case, cuts: list[int]) -> list[Layout]:
+    """The case's layout cut at PMD-aligned vpns, as a windowed reader would deliver it."""
+    bounds = sorted({case.start, case.end, *(c for c in cuts if case.start < c < case.end)})
+    lay = case.layout
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        sel = (lay.vpn >= lo) & (lay.vpn < hi)
+        out.append(Layout(lo, hi, lay.vpn[sel], lay.pfn[sel], lay.thp[sel], lay.pfn_known))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Sanity of the generator itself: it must produce the interesting cases, or the properties
 # below test little.
@@ -294,6 +312,28 @@ def test_generator_covers_thp_aligned_contiguous_and_unaligned_vmas() -> None:
 # --------------------------------------------------------------------------------------------
 # Properties against the references
 # --------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    case_and_knob(),
+    st.lists(st.integers(0, 64), max_size=6),
+    st.lists(st.sampled_from(PS), min_size=1, max_size=3, unique=True),
+)
+def test_windows_fold_to_the_same_metrics(
+    ck: tuple[Case, int], cut_regions: list[int], ps: list[float]
+) -> None:
+    """Feeding a layout in PMD-aligned windows (bounded memory) changes no figure."""
+    case, knob = ck
+    base = case.start // case.pmd
+    cuts = [(base + r) * case.pmd for r in cut_regions]
+    whole = vma_metrics(case.layout, pmd_pages=case.pmd, max_ptes_none=knob, ps=ps)
+    parts = vma_metrics(windows_of(case, cuts), pmd_pages=case.pmd, max_ptes_none=knob, ps=ps)
+    for name in ("present_pages", "thp_pages", "aligned_regions", "thp_regions",
+                 "collapsible_regions", "aligned_contiguous_regions", "contiguity"):  # fmt: skip
+        assert getattr(parts, name) == getattr(whole, name), name
+    if case.pfn_known:
+        assert hist_list(parts.run_hist) == sorted(ref_runs(case.vpn, case.pfn))
 
 
 @SETTINGS
@@ -351,11 +391,11 @@ def test_vma_metrics_match_reference(ck: tuple[Case, int], eligible: bool) -> No
     assert m.collapsible_regions == ref.collapsible_regions
     assert m.aligned_contiguous_regions == ref.aligned_contiguous_regions
     if ref.runs is None:
-        assert m.run_lengths is None
+        assert m.run_hist is None
         assert m.contiguity is None
     else:
-        assert m.run_lengths is not None
-        assert m.run_lengths.tolist() == ref.runs
+        assert m.run_hist is not None
+        assert hist_list(m.run_hist) == sorted(ref.runs)
         assert_contiguity_matches(m.contiguity, ref_contiguity(ref.runs, DEFAULT_KS, DEFAULT_PS))
 
 
@@ -407,7 +447,7 @@ def test_hiding_pfns_keeps_the_pfn_free_figures(case: Case) -> None:
     hidden = metrics_of(hidden_case)
     assert hidden.contiguity is None
     assert hidden.aligned_contiguous_regions is None
-    assert hidden.run_lengths is None
+    assert hidden.run_hist is None
     for name in ("present_pages", "thp_pages", "aligned_regions", "thp_regions"):
         assert getattr(hidden, name) == getattr(shown, name)
     assert hidden.collapsible_regions == shown.collapsible_regions
@@ -530,7 +570,7 @@ def test_unaligned_vma_counts_only_inner_regions() -> None:
     assert m.aligned_contiguous_regions == 2
     assert m.collapsible_regions == 2
     assert m.thp_coverage == 0.0
-    assert m.run_lengths is not None and m.run_lengths.tolist() == [1536]
+    assert m.run_hist is not None and hist_list(m.run_hist) == [1536]
     # the same frames shifted by one page are contiguous but not 512-aligned
     m = vma_metrics(_layout(start, end, vpn, vpn + 1))
     assert m.aligned_contiguous_regions == 0
@@ -596,7 +636,7 @@ def test_pfn_unknown_gives_no_contiguity() -> None:
     m = vma_metrics(_layout(0, n, vpn, np.zeros(n), thp, pfn_known=False))
     assert m.contiguity is None
     assert m.aligned_contiguous_regions is None
-    assert m.run_lengths is None
+    assert m.run_hist is None
     assert (m.thp_regions, m.collapsible_regions, m.thp_coverage) == (1, 3, 0.25)
 
     known = vma_metrics(_layout(0, n, vpn, vpn, thp))
@@ -643,20 +683,11 @@ def test_contiguity_example() -> None:
     assert c.runs_for == {0.5: 1, 0.8: 2, 0.81: 3, 1.0: 3}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layout.contiguity: runs_for compares cumulative pages with the float p * total; "
-    "0.07 * 100 == 7.000000000000001, so 7 of 100 pages do not 'cover 0.07'",
-)
 def test_runs_for_uses_the_decimal_fraction() -> None:
     c = contiguity(np.array([7] + [1] * 93), ps=(0.07,))
     assert c.runs_for == {0.07: 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layout.contiguity: coverage for K=0 reads cum[min(0, n) - 1] == cum[-1], i.e. 1.0",
-)
 def test_coverage_with_zero_entries_is_zero() -> None:
     assert contiguity(np.array([4, 4]), ks=(0,)).coverage == {0: 0.0}
 

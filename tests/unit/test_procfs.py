@@ -321,11 +321,6 @@ def test_maps_text_parses_without_fields(name: str) -> None:
     assert all(v.vmflags is None and dict(v.fields) == {} for v in from_maps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="procfs.parse_smaps strips the path, so a file name ending in a space loses it "
-    "('/tmp/t/trail ' becomes '/tmp/t/trail')",
-)
 def test_smaps_path_with_trailing_space_is_kept() -> None:
     # a /proc/self/maps line recorded on Linux 6.18 after mmap() of a file named "trail "
     # (only the temporary directory name shortened to /tmp/t)
@@ -578,11 +573,6 @@ def test_parse_buddyinfo_garbage_line(text: str, lineno: int) -> None:
         parse_buddyinfo(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="procfs.parse_buddyinfo: int() on a non-numeric count raises a bare ValueError, "
-    "not ParseError naming the line",
-)
 def test_parse_buddyinfo_non_numeric_count_is_parse_error() -> None:
     with pytest.raises(ParseError, match=r"line 2\b"):
         parse_buddyinfo("Node 0, zone DMA 1 2 3\nNode 0, zone Normal 4 5 x6\n")
@@ -614,11 +604,6 @@ def test_parse_pagetypeinfo_handmade_plain_rows() -> None:
     assert pt[(1, "Normal", "Unmovable")] == (884, 501, 120, 33, 9, 2, 0, 0, 0, 0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="procfs.parse_pagetypeinfo: rows with a capped count '>100000' (Linux >= 5.5) do "
-    "not match its digits-only regex and are silently dropped",
-)
 def test_parse_pagetypeinfo_capped_counts_are_kept() -> None:
     pt = parse_pagetypeinfo(fixture("handmade/pagetypeinfo_overflow.txt"))
     assert len(pt) == 24  # 4 zones x 6 types, none lost

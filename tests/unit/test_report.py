@@ -43,7 +43,7 @@ class StandInBackend:
     def process(self, pid: int) -> ProcessInfo:
         return next(p for p in self.list_processes() if p.pid == pid)
 
-    def list_vmas(self, proc: ProcessInfo) -> list[Vma]:
+    def list_vmas(self, proc: ProcessInfo, *, detail: bool = True) -> list[Vma]:
         if proc.comm == "gone":
             raise ProcessGone("pid 11: smaps: process exited")
         if proc.comm == "secret":
@@ -62,6 +62,10 @@ class StandInBackend:
         thp[: n // 2] = True
         shown = pfn if self.visible else np.zeros(n, dtype=np.uint64)
         return Layout(vma.start >> 12, vma.end >> 12, vpn, shown, thp, self.visible)
+
+    def iter_layouts(self, proc: ProcessInfo, vmas: list[Vma]):
+        for i, v in enumerate(vmas):
+            yield i, self.read_layout(proc, v)
 
     def memory_state(self) -> MemoryState:
         return MemoryState(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -19,10 +20,11 @@ from ...model import (
     ProcessInfo,
     Vma,
 )
-from .pagemap import PagemapReader
+from .pagemap import WINDOW_PAGES, PagemapReader
 from .procs import ProcDir, list_pids
 
 CAP_SYS_ADMIN = 21
+DENSE_VMA_BYTES = 64 << 20  # below this, reading a VMA straight through costs little
 
 THP_KNOBS = ("enabled", "defrag", "use_zero_page", "hpage_pmd_size", "shmem_enabled")
 KHUGEPAGED_KNOBS = (
@@ -34,8 +36,22 @@ KHUGEPAGED_KNOBS = (
 class KernelBackend:
     name = "kernel"
 
-    def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", use_scan: bool = True):
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        sys_root: str = "/sys",
+        use_scan: bool = True,
+        window_pages: int = WINDOW_PAGES,
+        density: str = "auto",
+    ):
+        """`use_scan=False` never uses PAGEMAP_SCAN (as on kernels before 6.7);
+        `density` forces how VMAs are read: "dense" straight through, "sparse" present
+        ranges first, "auto" by the VMA's Rss (or a guess without smaps)."""
+        if density not in ("auto", "dense", "sparse"):
+            raise ValueError(f"density must be auto, dense or sparse, not {density!r}")
+        self.density = density
         self.proc_root = proc_root
+        self.window_pages = window_pages
         self.sys_root = sys_root
         self.use_scan = use_scan
         self._visibility: PfnVisibility | None = None
@@ -60,10 +76,12 @@ class KernelBackend:
         with ProcDir(self.proc_root, pid) as d:
             return d.info()
 
-    def list_vmas(self, proc: ProcessInfo) -> list[Vma]:
+    def list_vmas(self, proc: ProcessInfo, *, detail: bool = True) -> list[Vma]:
+        """VMAs from smaps (sizes, THP counters, VmFlags), or with detail=False from maps:
+        bounds only, but without smaps' walk of every page table of the target."""
         with ProcDir(self.proc_root, proc.pid) as d:
             state = d.check_identity(proc)
-            text = d.read_text("smaps")
+            text = d.read_text("smaps" if detail else "maps")
             if not text and state in ("Z", "X"):
                 raise ProcessGone(f"pid {proc.pid}: exited (zombie, not yet reaped)")
             return procfs.parse_smaps(text)
@@ -71,8 +89,18 @@ class KernelBackend:
     def read_layout(self, proc: ProcessInfo, vma: Vma) -> Layout:
         return self.read_layouts(proc, [vma])[0]
 
-    def read_layouts(self, proc: ProcessInfo, vmas: list[Vma]) -> list[Layout]:
-        """Layouts of several VMAs of one process through one pagemap fd."""
+    def read_layouts(self, proc: ProcessInfo, vmas: Sequence[Vma]) -> list[Layout]:
+        """Whole layouts (memory grows with the VMAs; scans use iter_layouts)."""
+        parts: list[list[Layout]] = [[] for _ in vmas]
+        for i, window in self.iter_layouts(proc, vmas):
+            parts[i].append(window)
+        return [
+            _join(v, p, self.pfn_visibility().visible) for v, p in zip(vmas, parts, strict=True)
+        ]
+
+    def iter_layouts(self, proc: ProcessInfo, vmas: Sequence[Vma]) -> Iterator[tuple[int, Layout]]:
+        """(index into vmas, window) for every window holding present pages, in order,
+        through one pagemap fd; memory is bounded by the window size."""
         visible = self.pfn_visibility().visible
         with ProcDir(self.proc_root, proc.pid) as d:
             d.check_identity(proc)
@@ -81,21 +109,20 @@ class KernelBackend:
                 # An exited process's pagemap has no mm behind it; some kernels mishandled
                 # PAGEMAP_SCAN on such a file, so do not even try.
                 d.check_identity(proc, alive=True)
-                reader = PagemapReader(fd, self._kpageflags(), self.use_scan)
-                layouts = [
-                    _empty(v, visible)
-                    if v.path == "[vsyscall]"
-                    else reader.read(v.start, v.end, visible)
-                    for v in vmas
-                ]
+                reader = PagemapReader(fd, self._kpageflags(), self.use_scan, self.window_pages)
+                guess = _dense_guess(proc, vmas)
+                for i, v in enumerate(vmas):
+                    if v.path == "[vsyscall]":
+                        continue  # above the task size: pagemap has no entries for it
+                    if self.density != "auto":
+                        dense = self.density == "dense"
+                    else:
+                        dense = v.rss * 2 >= v.size if "Rss" in v.fields else guess(v)
+                    for window in reader.windows(v.start, v.end, visible, dense):
+                        yield i, _distrust_zero_pfns(window) if visible else window
             finally:
                 os.close(fd)
-            d.check_identity(proc)  # the reads above were all of this process
-        if visible:
-            # Belt and braces: a kernel that hides PFNs from us despite the capability
-            # (user namespaces, lockdown) shows zeros; never compute contiguity from those.
-            layouts = [_distrust_zero_pfns(lay) for lay in layouts]
-        return layouts
+            d.check_identity(proc)  # everything read above was of this very process
 
     def pfn_visibility(self) -> PfnVisibility:
         if self._visibility is None:
@@ -129,11 +156,28 @@ class KernelBackend:
         return self._kpf_fd
 
 
-def _empty(vma: Vma, visible: bool) -> Layout:
-    """[vsyscall] lies above the task size: pagemap has no entries for it."""
-    none = np.zeros(0, dtype=np.uint64)
+def _dense_guess(proc: ProcessInfo, vmas: Sequence[Vma]) -> Callable[[Vma], bool]:
+    """Without smaps' Rss per VMA, guess which VMAs are mostly present (read them straight
+    through) and which are sparse reservations (find their present ranges first). Only
+    speed depends on this guess, never a figure."""
+    mapped = sum(v.size for v in vmas)
+    dense_process = proc.rss * 2 >= mapped
+    return lambda v: dense_process or v.size <= DENSE_VMA_BYTES
+
+
+def _join(vma: Vma, windows: list[Layout], visible: bool) -> Layout:
     start, end = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
-    return Layout(start, end, none, none, np.zeros(0, dtype=bool), visible)
+    if not windows:
+        none = np.zeros(0, dtype=np.uint64)
+        return Layout(start, end, none, none, np.zeros(0, dtype=bool), visible)
+    return Layout(
+        start,
+        end,
+        np.concatenate([w.vpn for w in windows]),
+        np.concatenate([w.pfn for w in windows]),
+        np.concatenate([w.thp for w in windows]),
+        all(w.pfn_known for w in windows),
+    )
 
 
 def _distrust_zero_pfns(layout: Layout) -> Layout:

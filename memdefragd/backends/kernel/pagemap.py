@@ -1,11 +1,17 @@
-"""Reading a VMA's physical layout from /proc/PID/pagemap and /proc/kpageflags.
+"""Reading a VMA's physical layout from /proc/PID/pagemap.
 
-One PAGEMAP_SCAN ioctl (Linux 6.7+) finds the present ranges and which of them are
-PMD-mapped; pagemap entries are then read with one pread per window of at most
-`WINDOW_PAGES` entries (a VMA up to 4 GiB takes one pread), into a reused buffer, so the
-scanner's memory stays flat however large the target's reservations are. Where the ioctl
-is missing, the whole VMA is read and /proc/kpageflags is consulted only for the head
-frame of each 2 MiB region that could be a THP.
+Two ways to find what to read, both ending in windows of at most `WINDOW_PAGES` entries
+cut at fixed, PMD-aligned addresses (each window becomes one Layout, so memory is bounded
+by the window whatever the target's size, and no 2 MiB region straddles two windows):
+
+- *sparse* VMAs (or when frame numbers are hidden): one PAGEMAP_SCAN ioctl (Linux 6.7+)
+  finds the present ranges and which are PMD-mapped, and only those are read;
+- *dense* VMAs: the pagemap is read straight through (the ioctl would walk every page
+  table for nothing), and PAGEMAP_SCAN is asked only about the few regions that could be
+  PMD-mapped: aligned, fully present, and backed by 512 contiguous, aligned frames.
+
+Kernels without PAGEMAP_SCAN get the dense path, with /proc/kpageflags read for the head
+frame of each such candidate instead.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -32,65 +39,108 @@ _PM_SCAN_ARG = struct.Struct("12Q")  # struct pm_scan_arg (include/uapi/linux/fs
 PAGEMAP_SCAN = (3 << 30) | (_PM_SCAN_ARG.size << 16) | (ord("f") << 8) | 16
 _PAGE_REGION = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
 
-WINDOW_PAGES = 1 << 20  # 8 MiB of entries per pread, 4 GiB of address space
+WINDOW_PAGES = 1 << 18  # 1 GiB of address space, 2 MiB of pagemap entries per window
 _SCAN_VEC = 4096  # regions returned per PAGEMAP_SCAN call
-_GAP_PAGES = 512  # read across holes smaller than this rather than issue another pread
+_GAP_PAGES = PMD_PAGES  # read across holes smaller than this rather than issue another pread
 
 
 class PagemapReader:
     """Reads layouts of one process through an already opened pagemap fd."""
 
-    def __init__(self, pagemap_fd: int, kpageflags_fd: int | None, use_scan: bool = True):
+    def __init__(
+        self,
+        pagemap_fd: int,
+        kpageflags_fd: int | None,
+        use_scan: bool = True,
+        window_pages: int = WINDOW_PAGES,
+    ):
+        if window_pages % PMD_PAGES:
+            raise ValueError("window_pages must be a multiple of the PMD size in pages")
         self.fd = pagemap_fd
         self.kpf_fd = kpageflags_fd
         self.use_scan = use_scan
+        self.window = window_pages
         self._buf = np.empty(0, dtype=np.uint64)
         self._vec = np.zeros(_SCAN_VEC, dtype=_PAGE_REGION)
 
-    def read(self, start: int, end: int, pfn_known: bool) -> Layout:
+    def windows(
+        self, start: int, end: int, pfn_known: bool, dense: bool = False
+    ) -> Iterator[Layout]:
+        """The layout of [start, end) as consecutive windows holding present pages."""
         start_vpn, end_vpn = start >> PAGE_SHIFT, end >> PAGE_SHIFT
-        ranges = self._scan(start, end) if self.use_scan else None
+        ranges = None
+        if self.use_scan and not (dense and pfn_known):
+            ranges = self._scan(start, end, PAGE_IS_PRESENT, PAGE_IS_PRESENT | PAGE_IS_HUGE)
         if ranges is None:
-            spans = [(start_vpn, end_vpn)]
+            spans: list[tuple[int, int]] = [(start_vpn, end_vpn)]
         else:
             spans = _spans(ranges["start"] >> PAGE_SHIFT, ranges["end"] >> PAGE_SHIFT)
-        vpns, pfns = [], []
-        for lo, hi in spans:
-            for w in range(lo, hi, WINDOW_PAGES):
-                v, p = self._read_window(w, min(hi, w + WINDOW_PAGES))
-                vpns.append(v)
-                pfns.append(p)
-        vpn = np.concatenate(vpns) if vpns else np.zeros(0, np.uint64)
-        pfn = np.concatenate(pfns) if pfns else np.zeros(0, np.uint64)
-        if ranges is not None:
-            thp = _in_ranges(vpn, ranges, PAGE_IS_HUGE)
-        elif pfn_known and self.kpf_fd is not None:
-            thp = self._thp_from_kpageflags(start_vpn, end_vpn, vpn, pfn)
-        else:
-            thp = np.zeros(vpn.size, dtype=bool)
-        return Layout(start_vpn, end_vpn, vpn, pfn, thp, pfn_known)
+        for w_lo, pieces in _by_window(spans, self.window):
+            vpns, pfns = zip(*(self._read_span(lo, hi) for lo, hi in pieces), strict=True)
+            vpn = vpns[0] if len(vpns) == 1 else np.concatenate(vpns)
+            pfn = pfns[0] if len(pfns) == 1 else np.concatenate(pfns)
+            if ranges is not None:
+                thp = _huge_pages(vpn, ranges)
+            elif pfn_known:
+                thp = self._thp_of_candidates(start_vpn, end_vpn, vpn, pfn)
+            else:
+                thp = np.zeros(vpn.size, dtype=bool)  # kernel < 6.7 and no CAP_SYS_ADMIN
+            lo = max(start_vpn, w_lo)
+            yield Layout(lo, min(end_vpn, w_lo + self.window), vpn, pfn, thp, pfn_known)
 
-    def _read_window(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_span(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         n = hi - lo
         if self._buf.size < n:
-            self._buf = np.empty(n, dtype=np.uint64)
-        view = memoryview(self._buf[:n]).cast("B")
-        got = _preadv(self.fd, view, lo * 8)
+            self._buf = np.empty(max(n, self.window), dtype=np.uint64)
+        entries = self._buf[:n]
+        got = _preadv(self.fd, memoryview(entries).cast("B"), lo * 8)
         if got != n * 8:
             raise ProcessGone(f"pagemap: short read ({got} of {n * 8} bytes): process exited")
-        entries = self._buf[:n]
+        if np.bitwise_and.reduce(entries) & PM_PRESENT:  # all present: no selection needed
+            return np.arange(lo, hi, dtype=np.uint64), entries & PM_PFN_MASK
         idx = np.flatnonzero(entries & PM_PRESENT)
-        return (idx.astype(np.uint64) + np.uint64(lo)), entries[idx] & PM_PFN_MASK
+        return idx.astype(np.uint64) + np.uint64(lo), entries[idx] & PM_PFN_MASK
 
-    def _scan(self, start: int, end: int) -> np.ndarray | None:
-        """Present ranges of [start, end) with their HUGE bit, or None if unsupported."""
+    def _thp_of_candidates(
+        self, start_vpn: int, end_vpn: int, vpn: np.ndarray, pfn: np.ndarray
+    ) -> np.ndarray:
+        """Mark PMD-mapped pages, asking the kernel only about regions that could be."""
+        thp = np.zeros(vpn.size, dtype=bool)
+        heads = _candidate_heads(start_vpn, end_vpn, vpn, pfn)
+        if heads.size == 0:
+            return thp
+        if self.use_scan:
+            hv = vpn[heads]
+            cut = np.flatnonzero(np.diff(hv) != PMD_PAGES) + 1  # stretches of candidates
+            for a, b in zip(np.r_[0, cut], np.r_[cut, hv.size], strict=True):
+                lo, hi = int(hv[a]) << PAGE_SHIFT, (int(hv[b - 1]) + PMD_PAGES) << PAGE_SHIFT
+                ranges = self._scan(lo, hi, PAGE_IS_HUGE, PAGE_IS_HUGE)
+                if ranges is None:  # the kernel has no PAGEMAP_SCAN after all
+                    return self._thp_of_candidates(start_vpn, end_vpn, vpn, pfn)
+                thp |= _huge_pages(vpn, ranges)
+            return thp
+        if self.kpf_fd is None:
+            return thp  # kernel < 6.7 and /proc/kpageflags unreadable: cannot tell
+        flags = np.zeros(1, dtype=np.uint64)
+        for h in heads.tolist():
+            # kpageflags cannot tell a PMD mapping from a PTE-mapped 2 MiB folio; only
+            # PAGEMAP_SCAN can, so on kernels without it such folios count as THP.
+            _preadv(self.kpf_fd, memoryview(flags).cast("B"), int(pfn[h]) * 8)
+            f = int(flags[0])
+            if f & KPF_THP and f & KPF_COMPOUND_HEAD:
+                thp[h : h + PMD_PAGES] = True
+        return thp
+
+    def _scan(self, start: int, end: int, category: int, returned: int) -> np.ndarray | None:
+        """Ranges of [start, end) whose pages have every bit of `category`, with the bits
+        of `returned`; None if the kernel has no PAGEMAP_SCAN."""
         out = []
         vec_addr = self._vec.ctypes.data
         while start < end:
             arg = bytearray(
                 _PM_SCAN_ARG.pack(
                     _PM_SCAN_ARG.size, 0, start, end, 0, vec_addr, _SCAN_VEC, 0,
-                    0, PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT | PAGE_IS_HUGE,
+                    0, category, 0, returned,
                 )
             )  # fmt: skip
             try:
@@ -106,31 +156,6 @@ class PagemapReader:
                 break
             start = walk_end
         return np.concatenate(out) if out else np.zeros(0, dtype=_PAGE_REGION)
-
-    def _thp_from_kpageflags(
-        self, start_vpn: int, end_vpn: int, vpn: np.ndarray, pfn: np.ndarray
-    ) -> np.ndarray:
-        """Mark pages of aligned, fully present, pfn-contiguous regions whose head is a THP."""
-        thp = np.zeros(vpn.size, dtype=bool)
-        if vpn.size < PMD_PAGES:
-            return thp
-        heads = np.flatnonzero(vpn % PMD_PAGES == 0)
-        heads = heads[heads + PMD_PAGES <= vpn.size]
-        tails = heads + PMD_PAGES - 1
-        cand = heads[
-            (vpn[tails] - vpn[heads] == PMD_PAGES - 1)
-            & (pfn[tails] - pfn[heads] == PMD_PAGES - 1)
-            & (pfn[heads] % PMD_PAGES == 0)
-            & (vpn[heads] >= start_vpn)
-            & (vpn[tails] < end_vpn)
-        ]
-        flags = np.zeros(1, dtype=np.uint64)
-        for h in cand:
-            _preadv(self.kpf_fd, memoryview(flags).cast("B"), int(pfn[h]) * 8)
-            f = int(flags[0])
-            if f & KPF_THP and f & KPF_COMPOUND_HEAD:
-                thp[h : h + PMD_PAGES] = True
-        return thp
 
 
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
@@ -159,11 +184,54 @@ def _spans(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts[lo].tolist(), ends[hi].tolist(), strict=True))
 
 
-def _in_ranges(vpn: np.ndarray, ranges: np.ndarray, category: int) -> np.ndarray:
-    sel = ranges[(ranges["categories"] & np.uint64(category)) != 0]
-    if sel.size == 0 or vpn.size == 0:
+def _by_window(
+    spans: list[tuple[int, int]], window: int
+) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """Cut spans at multiples of `window` and group the pieces by window, in order."""
+    current, pieces = -1, []
+    for lo, hi in spans:
+        while lo < hi:
+            w = lo // window * window
+            cut = min(hi, w + window)
+            if w != current:
+                if pieces:
+                    yield current, pieces
+                current, pieces = w, []
+            pieces.append((lo, cut))
+            lo = cut
+    if pieces:
+        yield current, pieces
+
+
+def _candidate_heads(start_vpn: int, end_vpn: int, vpn: np.ndarray, pfn: np.ndarray) -> np.ndarray:
+    """Indices of the first page of each aligned region inside [start, end) that is fully
+    present and whose frames span exactly 512 from an aligned head: the only regions a
+    PMD can map."""
+    if vpn.size < PMD_PAGES:
+        return np.zeros(0, dtype=np.int64)
+    lo = max(start_vpn, int(vpn[0]))
+    first = -(-lo // PMD_PAGES) * PMD_PAGES
+    last = min(end_vpn, int(vpn[-1]) + 1) // PMD_PAGES * PMD_PAGES
+    if last <= first:
+        return np.zeros(0, dtype=np.int64)
+    want = np.arange(first, last, PMD_PAGES, dtype=np.uint64)
+    heads = np.searchsorted(vpn, want)
+    tails = heads + (PMD_PAGES - 1)
+    ok = tails < vpn.size
+    heads, tails, want = heads[ok], tails[ok], want[ok]
+    ok = (vpn[heads] == want) & (vpn[tails] == want + np.uint64(PMD_PAGES - 1))
+    ok &= (pfn[tails] - pfn[heads] == PMD_PAGES - 1) & (pfn[heads] % PMD_PAGES == 0)
+    return heads[ok]
+
+
+def _huge_pages(vpn: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    sel = (ranges["categories"] & np.uint64(PAGE_IS_HUGE)) != 0
+    return _in_ranges(vpn, ranges["start"][sel] >> PAGE_SHIFT, ranges["end"][sel] >> PAGE_SHIFT)
+
+
+def _in_ranges(vpn: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    if starts.size == 0 or vpn.size == 0:
         return np.zeros(vpn.size, dtype=bool)
-    starts, ends = sel["start"] >> PAGE_SHIFT, sel["end"] >> PAGE_SHIFT
     i = np.searchsorted(starts, vpn, side="right") - 1
     ok = i >= 0
     ok[ok] = vpn[ok] < ends[i[ok]]
