@@ -267,6 +267,8 @@ def render_text(report: Report, *, min_vma_rss: int = PMD_SIZE) -> str:
     known = report.pfn.visible
     if not report.processes:
         out.append("No process scanned." if report.skipped else "No process matched.")
+    else:
+        out.append(_HEADER)
     for p in report.processes:
         out.extend(_render_process(p, report, known, min_vma_rss))
         out.append("")
@@ -293,7 +295,7 @@ def _render_process(p: ProcessReport, report: Report, known: bool, min_rss: int)
     if p.target:
         head += f"  target={p.target}"
     head += f"  rss {format_size(proc.rss)}  cgroup {proc.cgroup or '-'}"
-    lines = [head, _HEADER]
+    lines = [head]
     shown = [v for v in p.vmas if v.vma.rss >= min_rss]
     for v in shown:
         lines.append(
