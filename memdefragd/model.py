@@ -159,3 +159,48 @@ class PfnVisibility:
 
     visible: bool
     reason: str = ""
+
+
+# ---------------------------------------------------------------- daemon work
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Work for one VMA of one process: 2 MiB-aligned [start, end) byte ranges inside it.
+
+    `start_time` pins the process identity (pid + start time), so that a request is never
+    carried out on a process that reused the pid.
+    """
+
+    target: str
+    pid: int
+    start_time: int
+    vma_start: int
+    vma_end: int
+    ranges: tuple[tuple[int, int], ...]
+    method: str = "collapse"
+    benefit: float = 0.0  # expected benefit per byte, as ranked by the scheduler
+
+    @property
+    def bytes(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a backend did with a request, as it reports it (before verification).
+
+    `failures` counts 2 MiB regions by reason: errno names for the kernel (EAGAIN,
+    ENOMEM, EBUSY, EINVAL...), Translation Ranger's categories for `ranger`. `stopped`
+    names a reason that ended the request early for the whole target or machine
+    (ESRCH: the process is gone; EPERM: not allowed; ENOMEM: no free huge page), else "".
+    `ineligible` lists region start addresses the kernel said will never work (EINVAL).
+    """
+
+    request: Request
+    bytes_attempted: int
+    bytes_done: int
+    failures: Mapping[str, int]
+    duration: float  # seconds of wall time spent in the kernel (or simulator)
+    stopped: str = ""
+    ineligible: tuple[int, ...] = ()
