@@ -55,6 +55,10 @@ class VmaMetrics:
     aligned_contiguous_regions: int | None  # None: PFNs not visible
     contiguity: Contiguity | None  # None: PFNs not visible
     run_hist: RunHistogram | None  # kept for per-process rollups
+    # With collect=True: first vpn and present pages of each collapsible region, for the
+    # scheduler (None otherwise).
+    collapsible_vpns: np.ndarray | None = None
+    collapsible_present: np.ndarray | None = None
 
     @property
     def thp_coverage(self) -> float | None:
@@ -164,8 +168,12 @@ class VmaAccumulator:
         max_ptes_none: int = PMD_PAGES - 1,
         collapse_eligible: bool = True,
         pmd_pages: int = PMD_PAGES,
+        collect: bool = False,
     ):
         self.first, self.last = aligned_bounds(start_vpn, end_vpn, pmd_pages)
+        self.collect = collect
+        self.found_vpns: list[np.ndarray] = []
+        self.found_present: list[np.ndarray] = []
         self.pfn_known = pfn_known
         self.need = max(pmd_pages - max_ptes_none, 1)
         self.eligible = collapse_eligible
@@ -199,7 +207,11 @@ class VmaAccumulator:
         is_thp = full & (np.diff(np.searchsorted(flagged, pos)) == self.pmd)
         self.thp_regions += int(np.count_nonzero(is_thp))
         if self.eligible:
-            self.collapsible += int(np.count_nonzero(~is_thp & (present >= self.need)))
+            can = ~is_thp & (present >= self.need)
+            self.collapsible += int(np.count_nonzero(can))
+            if self.collect:
+                self.found_vpns.append(bounds[:-1][can])
+                self.found_present.append(present[can])
         if starts is None:
             return
         h = heads[full & ~is_thp]
@@ -244,7 +256,13 @@ class VmaAccumulator:
             aligned_contiguous_regions=aligned,
             contiguity=cont,
             run_hist=hist,
+            collapsible_vpns=_cat(self.found_vpns, np.uint64) if self.collect else None,
+            collapsible_present=_cat(self.found_present, np.int64) if self.collect else None,
         )
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 def vma_metrics(

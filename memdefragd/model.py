@@ -144,6 +144,7 @@ class MemoryState:
     khugepaged: Mapping[str, str]
     pressure_some: Pressure | None
     pressure_full: Pressure | None
+    meminfo: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # bytes
 
     @property
     def max_ptes_none(self) -> int:

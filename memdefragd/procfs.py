@@ -162,6 +162,16 @@ def parse_vmstat(text: str, prefixes: tuple[str, ...] = ("thp_", "compact_")) ->
     return out
 
 
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo in bytes (kB fields scaled; HugePages_* counts kept as they are)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1]) * (1024 if parts[2:3] == ["kB"] else 1)
+    return out
+
+
 def parse_pressure(text: str) -> dict[str, Pressure]:
     """/proc/pressure/memory: {'some': Pressure, 'full': Pressure}."""
     out = {}

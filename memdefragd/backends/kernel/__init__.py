@@ -144,6 +144,7 @@ class KernelBackend:
             khugepaged=MappingProxyType(_knobs(s / "khugepaged", KHUGEPAGED_KNOBS)),
             pressure_some=psi.get("some"),
             pressure_full=psi.get("full"),
+            meminfo=MappingProxyType(procfs.parse_meminfo((p / "meminfo").read_text())),
         )
 
     def _kpageflags(self) -> int | None:

@@ -109,5 +109,42 @@ def translate_errors(pid: int, what: str) -> Iterator[None]:
         raise
 
 
+class PidHandle:
+    """A pidfd on one process, proven to be the process `proc` describes.
+
+    The pidfd is opened first and the start time checked after: if the pid had been
+    reused in between, the check fails; once it passes, the pidfd can never refer to
+    another process (it goes stale instead, and calls on it fail with ESRCH).
+    """
+
+    def __init__(self, proc: ProcessInfo, proc_root: str = "/proc"):
+        self.proc = proc
+        try:
+            self.fd = os.pidfd_open(proc.pid)
+        except ProcessLookupError as e:
+            raise ProcessGone(f"pid {proc.pid}: no such process") from e
+        try:
+            with ProcDir(proc_root, proc.pid) as d:
+                d.check_identity(proc)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PidHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def list_pids(proc_root: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(proc_root) if n.isdigit())
