@@ -7,23 +7,32 @@ key path and what to do, and all problems are reported at once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from .targets import Matcher, Target
-from .units import parse_size
+from .units import parse_duration, parse_size
 
 DEFAULT_PATH = "/etc/memdefragd/memdefragd.yaml"
 MODES = ("enforce", "observe")
+BACKENDS = ("kernel",)
+METHODS = ("collapse", "ranger")
 MATCH_KEYS = ("comm", "cmdline", "exe", "user", "cgroup", "unit", "pid")
-TARGET_KEYS = ("name", "match", "exclude", "min_rss", "mode", "priority")
-TOP_KEYS = ("targets",)
+TARGET_KEYS = ("name", "match", "exclude", "min_rss", "mode", "priority", "overrides")
+OVERRIDE_KEYS = ("method", "chunk", "cooldown")
+DAEMON_KEYS = (
+    "backend", "method", "scan_interval", "budget", "chunk", "cooldown", "backoff",
+    "pressure", "compaction", "ranger",
+)  # fmt: skip
+TOP_KEYS = ("daemon", "targets")
+PMD = 2 << 20
 
 
 class ConfigError(Exception):
@@ -33,9 +42,41 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Overrides:
+    """Per-target settings that replace the daemon-wide ones (None: not overridden)."""
+
+    method: str | None = None
+    chunk: int | None = None
+    cooldown: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """The `daemon:` section. Defaults favour running unnoticed next to busy services."""
+
+    backend: str = "kernel"
+    method: str = "collapse"
+    scan_interval: float = 30.0  # seconds between scans of every target
+    bytes_per_second: int = 256 << 20  # at most this much memory collapsed per second
+    cpu_share: float = 0.1  # of one core, spent inside the kernel collapsing
+    chunk: int = 64 << 20  # one request at most; the loop checks signals between chunks
+    cooldown: float = 0.0  # seconds a target rests after each request
+    backoff_initial: float = 5.0  # after EAGAIN/ENOMEM/EBUSY, doubling ...
+    backoff_max: float = 600.0  # ... up to this
+    psi_some_avg10: float = 10.0  # pause while memory pressure (PSI some avg10, %) exceeds it
+    min_available: int = 1 << 30  # pause while MemAvailable is below it
+    compaction: bool = False  # ask the kernel to compact when collapses lack free 2 MiB blocks
+    compaction_interval: float = 60.0  # at most once per this many seconds per node
+    ranger_syscall: int | None = None  # scan_process_memory's number on a patched kernel
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     targets: tuple[Target, ...]
+    daemon: DaemonSettings = DaemonSettings()
+    overrides: dict[str, Overrides] = field(default_factory=dict)  # by target name
+    sha256: str = ""  # of the file's bytes, to tell which config is loaded
 
 
 def load_config(path: str | os.PathLike[str], *, check_owner: bool = True) -> Config:
@@ -63,7 +104,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     cfg = v.config(root)
     if v.errors:
         raise ConfigError(v.errors)
-    return cfg
+    return replace(cfg, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def _check_file_safety(path: str) -> None:
@@ -92,6 +133,7 @@ class _Validator:
     def __init__(self, path: str):
         self.path = path
         self.errors: list[str] = []
+        self.overrides: dict[str, Overrides] = {}
 
     def error(self, node: yaml.Node | None, key: str, msg: str) -> None:
         line = f":{node.start_mark.line + 1}" if node is not None else ""
@@ -157,12 +199,131 @@ class _Validator:
             return Config(self.path, ())
         keys = self.mapping(root, "", TOP_KEYS)
         targets: list[Target] = []
+        daemon = DaemonSettings()
         if keys is not None:
+            if "daemon" in keys:
+                daemon = self.daemon(keys["daemon"][1])
             if "targets" not in keys:
                 self.error(root, "targets", "missing; list the processes to watch")
             else:
                 targets = self.targets(keys["targets"][1])
-        return Config(self.path, tuple(targets))
+        return Config(self.path, tuple(targets), daemon, dict(self.overrides))
+
+    def daemon(self, node: yaml.Node) -> DaemonSettings:
+        keys = self.mapping(node, "daemon", DAEMON_KEYS)
+        if keys is None:
+            return DaemonSettings()
+        kw: dict[str, object] = {}
+        for name, (_, v) in keys.items():
+            k = f"daemon.{name}"
+            if name == "backend":
+                kw[name] = self.choice(v, k, BACKENDS)
+            elif name == "method":
+                kw[name] = self.choice(v, k, METHODS)
+            elif name in ("scan_interval", "cooldown"):
+                kw[name] = self.duration(v, k, minimum=0.1 if name == "scan_interval" else 0)
+            elif name == "chunk":
+                kw[name] = self.chunk(v, k)
+            elif name == "budget":
+                sub = self.mapping(v, k, ("bytes_per_second", "cpu_share")) or {}
+                if "bytes_per_second" in sub:
+                    n = sub["bytes_per_second"][1]
+                    kw["bytes_per_second"] = self.size(n, f"{k}.bytes_per_second", minimum=PMD)
+                if "cpu_share" in sub:
+                    kw["cpu_share"] = self.number(sub["cpu_share"][1], f"{k}.cpu_share", 0.001, 1)
+            elif name == "backoff":
+                sub = self.mapping(v, k, ("initial", "max")) or {}
+                if "initial" in sub:
+                    kw["backoff_initial"] = self.duration(sub["initial"][1], f"{k}.initial", 0.001)
+                if "max" in sub:
+                    kw["backoff_max"] = self.duration(sub["max"][1], f"{k}.max", 0.001)
+            elif name == "pressure":
+                sub = self.mapping(v, k, ("psi_some_avg10", "min_available")) or {}
+                if "psi_some_avg10" in sub:
+                    kw["psi_some_avg10"] = self.number(
+                        sub["psi_some_avg10"][1], f"{k}.psi_some_avg10", 0, 100
+                    )
+                if "min_available" in sub:
+                    kw["min_available"] = self.size(sub["min_available"][1], f"{k}.min_available")
+            elif name == "compaction":
+                sub = self.mapping(v, k, ("enabled", "min_interval")) or {}
+                if "enabled" in sub:
+                    kw["compaction"] = self.boolean(sub["enabled"][1], f"{k}.enabled")
+                if "min_interval" in sub:
+                    kw["compaction_interval"] = self.duration(
+                        sub["min_interval"][1], f"{k}.min_interval", 1
+                    )
+            elif name == "ranger":
+                sub = self.mapping(v, k, ("syscall",)) or {}
+                if "syscall" in sub and self.scalar(sub["syscall"][1]) is not None:
+                    kw["ranger_syscall"] = self.integer(sub["syscall"][1], f"{k}.syscall")
+        settings = replace(DaemonSettings(), **{k: x for k, x in kw.items() if x is not None})
+        if settings.backoff_max < settings.backoff_initial:
+            self.error(node, "daemon.backoff", "max must not be below initial")
+        return settings
+
+    def choice(self, node: yaml.Node, key: str, allowed: tuple[str, ...]) -> str | None:
+        value = self.scalar(node)
+        if value not in allowed:
+            self.error(node, key, f"expected one of {', '.join(allowed)}, got {_show(value)}")
+            return None
+        return str(value)
+
+    def duration(self, node: yaml.Node, key: str, minimum: float = 0) -> float | None:
+        try:
+            seconds = parse_duration(self.scalar(node))  # type: ignore[arg-type]
+        except ValueError as e:
+            self.error(node, key, str(e))
+            return None
+        if seconds < minimum:
+            self.error(node, key, f"must be at least {minimum:g}s, got {seconds:g}s")
+            return None
+        return seconds
+
+    def size(self, node: yaml.Node, key: str, minimum: int = 0) -> int | None:
+        try:
+            n = parse_size(self.scalar(node))  # type: ignore[arg-type]
+        except ValueError as e:
+            self.error(node, key, str(e))
+            return None
+        if n < minimum:
+            self.error(node, key, f"must be at least {minimum} bytes, got {n}")
+            return None
+        return n
+
+    def chunk(self, node: yaml.Node, key: str) -> int | None:
+        n = self.size(node, key, minimum=PMD)
+        if n is not None and (n % PMD or n > 64 << 20):
+            self.error(node, key, f"must be a multiple of 2MiB and at most 64MiB, got {n} bytes")
+            return None
+        return n
+
+    def number(self, node: yaml.Node, key: str, lo: float, hi: float) -> float | None:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            self.error(node, key, f"expected a number from {lo:g} to {hi:g}, got {_show(value)}")
+            return None
+        return float(value)
+
+    def boolean(self, node: yaml.Node, key: str) -> bool | None:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            self.error(node, key, f"expected true or false, got {_show(value)}")
+            return None
+        return value
+
+    def overrides_of(self, node: yaml.Node, key: str) -> Overrides | None:
+        keys = self.mapping(node, key, OVERRIDE_KEYS)
+        if keys is None:
+            return None
+        kw: dict[str, object] = {}
+        if "method" in keys:
+            kw["method"] = self.choice(keys["method"][1], f"{key}.method", METHODS)
+        if "chunk" in keys:
+            kw["chunk"] = self.chunk(keys["chunk"][1], f"{key}.chunk")
+        if "cooldown" in keys:
+            kw["cooldown"] = self.duration(keys["cooldown"][1], f"{key}.cooldown")
+        return Overrides(**kw)  # type: ignore[arg-type]
 
     def targets(self, node: yaml.Node) -> list[Target]:
         if not isinstance(node, yaml.SequenceNode):
@@ -222,8 +383,13 @@ class _Validator:
         priority = 0
         if "priority" in keys:
             priority = self.integer(keys["priority"][1], f"{key}.priority") or 0
+        overrides = None
+        if "overrides" in keys:
+            overrides = self.overrides_of(keys["overrides"][1], f"{key}.overrides")
         if len(self.errors) > before or name is None:
             return None
+        if overrides is not None:
+            self.overrides[name] = overrides
         return Target(name, match, tuple(exclude), min_rss, mode, priority)
 
     def matcher(self, node: yaml.Node, key: str) -> Matcher | None:

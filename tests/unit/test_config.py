@@ -83,7 +83,7 @@ def test_full_target_parses():
         ("targets:\n  - name: a\n  - name: a\n", "m.yaml:3: targets[1].name: duplicate target name 'a' (first on line 2)"),
         ("targets:\n  - match: {comm: x}\n", "m.yaml:2: targets[0].name: missing"),
         ("targets: {}\n", "m.yaml:1: targets: expected a list"),
-        ("target:\n  - name: a\n", "m.yaml:1: target: unknown key; expected one of: targets"),
+        ("target:\n  - name: a\n", "m.yaml:1: target: unknown key; expected one of: daemon, targets"),
         ("targets:\n  - name: [a\n", "YAML syntax: expected ',' or ']'"),
         ("targets:\n  - name: [a\n", "(while parsing a flow sequence at line 2)"),
         ("", "the file is empty"),
@@ -121,3 +121,75 @@ def test_world_writable_config_is_refused(tmp_path):
 def test_missing_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read: No such file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_example_daemon_section_equals_the_defaults():
+    """The example config documents every daemon key with its default: keep them equal."""
+    from memdefragd.config import DaemonSettings
+
+    cfg = load_config(REPO / "etc" / "memdefragd.yaml", check_owner=False)
+    assert cfg.daemon == DaemonSettings()
+    assert cfg.overrides["databases"].chunk == 16 << 20
+    assert len(cfg.sha256) == 64
+
+
+def test_daemon_settings_parse():
+    cfg = parse_config(
+        textwrap.dedent(
+            """
+            daemon:
+              scan_interval: 500ms
+              budget: {bytes_per_second: 1G, cpu_share: 0.25}
+              chunk: 8MiB
+              cooldown: 2m
+              backoff: {initial: 1s, max: 1h}
+              pressure: {psi_some_avg10: 2.5, min_available: 512M}
+              compaction: {enabled: true, min_interval: 5m}
+              ranger: {syscall: 335}
+            targets:
+              - name: t
+                overrides: {method: ranger, cooldown: 10s}
+            """
+        )
+    )
+    d = cfg.daemon
+    assert (d.scan_interval, d.bytes_per_second, d.cpu_share, d.chunk) == (
+        0.5,
+        1 << 30,
+        0.25,
+        8 << 20,
+    )
+    assert (d.cooldown, d.backoff_initial, d.backoff_max) == (120.0, 1.0, 3600.0)
+    assert (d.psi_some_avg10, d.min_available, d.compaction, d.compaction_interval) == (
+        2.5,
+        512 << 20,
+        True,
+        300.0,
+    )
+    assert d.ranger_syscall == 335
+    assert cfg.overrides["t"].method == "ranger" and cfg.overrides["t"].cooldown == 10.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("daemon: {backend: simulated}\ntargets: []\n", "m.yaml:1: daemon.backend: expected one of kernel, got str 'simulated'"),
+        ("daemon: {method: defrag}\ntargets: []\n", "m.yaml:1: daemon.method: expected one of collapse, ranger"),
+        ("daemon:\n  scan_interval: soon\ntargets: []\n", "m.yaml:2: daemon.scan_interval: expected a duration"),
+        ("daemon:\n  scan_interval: 0\ntargets: []\n", "m.yaml:2: daemon.scan_interval: must be at least 0.1s"),
+        ("daemon:\n  chunk: 3MiB\ntargets: []\n", "m.yaml:2: daemon.chunk: must be a multiple of 2MiB and at most 64MiB"),
+        ("daemon:\n  chunk: 128MiB\ntargets: []\n", "daemon.chunk: must be a multiple of 2MiB and at most 64MiB"),
+        ("daemon:\n  budget: {cpu_share: 2}\ntargets: []\n", "m.yaml:2: daemon.budget.cpu_share: expected a number from 0.001 to 1, got int 2"),
+        ("daemon:\n  budget: {bytes: 1G}\ntargets: []\n", "m.yaml:2: daemon.budget.bytes: unknown key; expected one of: bytes_per_second, cpu_share"),
+        ("daemon:\n  backoff: {initial: 1m, max: 1s}\ntargets: []\n", "m.yaml:2: daemon.backoff: max must not be below initial"),
+        ("daemon:\n  compaction: {enabled: yes please}\ntargets: []\n", "daemon.compaction.enabled: expected true or false"),
+        ("daemon:\n  ranger: {syscall: '335'}\ntargets: []\n", "daemon.ranger.syscall: expected an integer"),
+        ("daemon:\n  pressure: {psi_some_avg10: 150}\ntargets: []\n", "daemon.pressure.psi_some_avg10: expected a number from 0 to 100"),
+        ("targets:\n  - name: a\n    overrides: {chunk: 1K}\n", "m.yaml:3: targets[0].overrides.chunk: must be at least 2097152 bytes"),
+        ("targets:\n  - name: a\n    overrides: {budget: 1}\n", "m.yaml:3: targets[0].overrides.budget: unknown key; expected one of: method, chunk, cooldown"),
+        ("daemon:\n  chunk: 8M\n  chunk: 16M\ntargets: []\n", "m.yaml:3: daemon.chunk: duplicate key (first given on line 2)"),
+    ],
+)  # fmt: skip
+def test_daemon_errors_say_what_and_where(text, expected):
+    errs = errors_of(text)
+    assert any(expected in e for e in errs), errs
