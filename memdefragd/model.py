@@ -191,10 +191,12 @@ class Request:
 class Outcome:
     """What a backend did with a request, as it reports it (before verification).
 
-    `failures` counts 2 MiB regions by reason: errno names for the kernel (EAGAIN,
-    ENOMEM, EBUSY, EINVAL...), Translation Ranger's categories for `ranger`. `stopped`
-    names a reason that ended the request early for the whole target or machine
-    (ESRCH: the process is gone; EPERM: not allowed; ENOMEM: no free huge page), else "".
+    `failures` counts 2 MiB regions by reason, each region sent counted once: errno names
+    for the kernel (EAGAIN, ENOMEM, EBUSY, EINVAL, ESRCH, EPERM...), UNMAPPED for a region
+    the target unmapped since planning, SHORT for a short return; Translation Ranger's
+    categories for `ranger`. `stopped` names what ended the request early for the whole
+    target or machine (ESRCH: the process is gone; EPERM: not allowed; EBUSY: its cgroup
+    is full; ENOMEM: no free huge page; "cancelled": the daemon is stopping), else "".
     `ineligible` lists region start addresses the kernel said will never work (EINVAL).
     """
 

@@ -74,6 +74,7 @@ def scan_process(
     *,
     target: str | None = None,
     detail: bool = True,
+    collect: bool = False,
     max_ptes_none: int = PMD_PAGES - 1,
     ks: Sequence[int] = DEFAULT_KS,
     ps: Sequence[float] = DEFAULT_PS,
@@ -81,7 +82,8 @@ def scan_process(
     """Scan one process, window by window; raises ProcessGone or AccessDenied.
 
     With `detail`, VMAs come from smaps and those with nothing resident are not read;
-    without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply.
+    without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply. With
+    `collect`, each VMA's metrics list its collapsible regions (for the scheduler).
     """
     vmas = backend.list_vmas(proc, detail=detail)
     wanted = [v for v in vmas if v.rss > 0] if detail else vmas
@@ -93,6 +95,7 @@ def scan_process(
             visible,
             max_ptes_none=max_ptes_none,
             collapse_eligible=v.collapse_eligible,
+            collect=collect,
         )
         for v in wanted
     ]

@@ -17,8 +17,10 @@ def spawn():
     """Factory: spawn(size, collapse=(off, len), ...) -> Child; every child is killed and
     reaped at teardown, whatever the test did with it."""
     enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if enabled.exists() and "[always]" in enabled.read_text():
-        pytest.skip("THP enabled=always: faults would map 2 MiB pages, these tests need 4 KiB")
+    require_kernel(
+        not (enabled.exists() and "[always]" in enabled.read_text()),
+        "THP enabled=always: faults would map 2 MiB pages, these tests need 4 KiB",
+    )
     children: list[Child] = []
 
     def _spawn(size: int, **kwargs) -> Child:

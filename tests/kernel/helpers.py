@@ -49,6 +49,11 @@ def require_kernel(condition: object, reason: str) -> None:
 # optionally collapsed in part by its own MADV_COLLAPSE. It reports {"addr", "collapse_errno"}
 # as one JSON line, then blocks until its stdin is closed.
 #
+# With `pattern`, every touched page also gets the kernel selftest's integrity pattern (the
+# 32-bit word i + 0xdead0000 at the start of page i, the rest 0x5A), and each "verify" line
+# on stdin is answered with {"checked": pages, "bad": [offsets of the first wrong pages]}:
+# touched pages must hold their pattern, punched ones zeros.
+#
 # It maps size + 4 MiB and unmaps the unaligned head and tail, both non-empty, so the VMA
 # starts and ends next to a hole; MADV_DONTFORK gives it flags no ordinary anonymous mapping
 # has, so nothing the interpreter maps later into those holes can merge with it.
@@ -88,9 +93,28 @@ for advice in [10, *cfg.get("advise", [])]:  # MADV_DONTFORK, then the test's
 for off, length in cfg.get("touch", [[0, size]]):
     for page in range(off, off + length, PAGE):  # one write per page: 4 KiB faults
         ctypes.memset(addr + page, 0x5A, PAGE)
+        if cfg.get("pattern"):
+            ctypes.c_uint32.from_address(addr + page).value = (page // PAGE + 0xDEAD0000) & 0xFFFFFFFF
+punched = set()
 for off, length, every in cfg.get("punch", []):
     for page in range(off, off + length, every * PAGE):
         check(libc.madvise(addr + page, PAGE, 4), "MADV_DONTNEED")
+        punched.add(page)
+
+
+def verify():
+    checked, bad = 0, []
+    for off, length in cfg.get("touch", [[0, size]]):
+        for page in range(off, off + length, PAGE):
+            if page in punched:
+                want = bytes(PAGE)
+            else:
+                word = ((page // PAGE + 0xDEAD0000) & 0xFFFFFFFF).to_bytes(4, sys.byteorder)
+                want = word + b"\x5a" * (PAGE - 4)
+            checked += 1
+            if ctypes.string_at(addr + page, PAGE) != want and len(bad) < 16:
+                bad.append(page)
+    return {"checked": checked, "bad": bad}
 err = 0
 if cfg.get("collapse"):
     off, length = cfg["collapse"]
@@ -108,8 +132,14 @@ for off in cfg.get("split", []):
     check(libc.mprotect(addr + off, PAGE, 3), "mprotect PROT_READ|PROT_WRITE")
 sys.stdout.write(json.dumps({"addr": addr, "collapse_errno": err}) + "\n")
 sys.stdout.flush()
-while os.read(0, 4096):
-    pass
+if cfg.get("pattern"):
+    for line in sys.stdin:
+        if line.strip() == "verify":
+            sys.stdout.write(json.dumps(verify()) + "\n")
+            sys.stdout.flush()
+else:
+    while os.read(0, 4096):
+        pass
 """
 
 
@@ -135,6 +165,17 @@ class Child:
     def collapse_error(self) -> str:
         e = self.collapse_errno
         return f"{errno.errorcode.get(e, e)} ({os.strerror(e)})" if e else ""
+
+    def verify(self, timeout: float = 120.0) -> dict:
+        """Ask a child started with pattern=True to check its data: {"checked", "bad"}."""
+        if not self.config.get("pattern"):
+            raise ValueError("verify() needs a child started with pattern=True")
+        self.popen.stdin.write("verify\n")
+        self.popen.stdin.flush()
+        line = _readline(self.popen, timeout)
+        if not line:
+            raise RuntimeError(f"child {self.pid} exited instead of verifying")
+        return json.loads(line)
 
     def kill(self, reap: bool = True) -> None:
         """SIGKILL; with reap=False leave a zombie (waits until it is one, without reaping)."""
@@ -168,6 +209,7 @@ def start_child(
     advise: list[int] | None = None,
     split: list[int] | None = None,
     comm: str | None = None,
+    pattern: bool = False,
     timeout: float = 120.0,
 ) -> Child:
     """Start the child and wait for its JSON line. The caller must stop() it."""
@@ -186,6 +228,8 @@ def start_child(
         cfg["split"] = list(split)
     if comm:
         cfg["comm"] = comm
+    if pattern:
+        cfg["pattern"] = True
     popen = subprocess.Popen(
         [sys.executable, "-c", CHILD_SCRIPT, json.dumps(cfg)],
         stdin=subprocess.PIPE,

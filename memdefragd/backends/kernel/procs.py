@@ -125,7 +125,7 @@ class PidHandle:
             raise ProcessGone(f"pid {proc.pid}: no such process") from e
         try:
             with ProcDir(proc_root, proc.pid) as d:
-                d.check_identity(proc)
+                d.check_identity(proc, alive=True)
         except BaseException:
             os.close(self.fd)
             raise

@@ -1,0 +1,488 @@
+"""The `ranger` method: Translation Ranger's scan_process_memory syscall, on a patched kernel.
+
+Mainline kernels do not have this syscall, and its numbers from the out-of-tree trees are
+taken on mainline: on x86_64, 332 is statx, 333 io_pgetevents and 335 uretprobe (which
+kills a caller outside a uprobe trampoline). So nothing here ever calls a number to see
+what happens. `Ranger` refuses to exist unless the kernel shows Translation Ranger's
+sysctls *and* the operator configured the number for that kernel.
+
+There is deliberately no table of "known" kernels: the reference (translation_ranger.md
+§1.1) gives 332/333/335 only by base version (launcher.c compares uname release strings),
+and a release string does not tell a patched kernel from a mainline one of the same
+version, so no number can be tied to a kernel identity we can check.
+
+The text the kernel writes (§1.2) is parsed by pure functions into value types below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import select
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import MappingProxyType
+
+from ...model import AccessDenied, ProcessGone
+from .procs import PidHandle
+
+# Actions ([RFC04] include/linux/mem_defrag.h; 4, 6, 7 exist only in the ISCA tree).
+MEM_DEFRAG_SCAN = 0
+MEM_DEFRAG_MARK_SCAN_ALL = 1
+MEM_DEFRAG_CLEAR_SCAN_ALL = 2
+MEM_DEFRAG_DEFRAG = 3
+MEM_DEFRAG_CONTIG_SCAN = 5
+
+# The sysctl whose presence identifies a Translation Ranger kernel (RFC04 and ISCA tree).
+IDENTITY_SYSCTL = "kmem_defragd_always"
+BUF_LEN = 16 << 20  # as the artifact's launcher: a buffer too small for one record ends a scan
+
+# The kernel keeps ONE scan state for the whole system (a static defrag_scan_control): a
+# call for another mm resets it. Calls, and whole passes, must never interleave.
+_LOCK = threading.Lock()
+
+
+class RangerUnavailable(Exception):
+    """This kernel cannot run method 'ranger' (the message says why and what to do)."""
+
+
+class RangerParseError(ValueError):
+    """Text from scan_process_memory that matches none of the documented formats."""
+
+
+def ranger_support(syscall_nr: int | None, proc_root: str = "/proc") -> tuple[bool, str]:
+    """(True, "") if method 'ranger' may run here, else (False, what to do about it)."""
+    sysctl = Path(proc_root, "sys/vm", IDENTITY_SYSCTL)
+    if not sysctl.exists():
+        return False, (
+            f"method 'ranger' needs a kernel patched with Translation Ranger (no {sysctl} on "
+            f"this kernel, {_kernel(proc_root)}): use method 'collapse'"
+        )
+    if syscall_nr is None:
+        return False, (
+            f"this kernel shows Translation Ranger's sysctls ({sysctl}) but no number is "
+            "configured for its scan_process_memory syscall: set daemon.ranger.syscall to the "
+            "number in the syscall table of the tree this kernel was built from (memdefragd "
+            "never guesses it: on mainline x86_64, 333 is io_pgetevents and 335 uretprobe)"
+        )
+    if isinstance(syscall_nr, bool) or not isinstance(syscall_nr, int) or syscall_nr < 0:
+        return False, f"daemon.ranger.syscall must be a non-negative integer, not {syscall_nr!r}"
+    return True, ""
+
+
+def _kernel(proc_root: str) -> str:
+    try:
+        release = Path(proc_root, "sys/kernel/osrelease").read_text().strip()
+    except OSError:
+        release = os.uname().release
+    return f"Linux {release}"
+
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True)
+class ContigVma:
+    """One line of the contiguity dump (action 5).
+
+    `runs` are signed lengths in 4 KiB pages: N > 0 is N present pages at one VA-PA offset
+    (translation contiguity), -M is M pages not present. Empty for a VMA the kernel deems
+    ineligible. `mm` is the kernel's hashed pointer text; `vma_id` its pseudo-unique id.
+    """
+
+    mm: str
+    vma_id: int
+    start: int
+    end: int
+    runs: tuple[int, ...]
+
+    @property
+    def eligible(self) -> bool:
+        return bool(self.runs)
+
+    @property
+    def present_runs(self) -> tuple[int, ...]:
+        return tuple(r for r in self.runs if r > 0)
+
+    @property
+    def present_pages(self) -> int:
+        return sum(self.present_runs)
+
+    @property
+    def pages(self) -> int:
+        """Pages the runs cover; equals the VMA's pages when the dump is whole."""
+        return sum(abs(r) for r in self.runs)
+
+
+@dataclass(frozen=True, slots=True)
+class DefragVma:
+    """A `vma:` line of the defrag log: a VMA that passed the filters, before its chunks."""
+
+    vma_id: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class DefragStats:
+    """defrag_result_stats of one chunk (translation_ranger.md §2.4), in 4 KiB pages.
+
+    Field names are the RFC's; the ISCA tree's `src compound` and `dst free` are the RFC's
+    src_pte_thp_failed and dst_migrate_free_failed (the reference says so), while its `dst
+    compound` has no stated RFC equivalent and keeps its own name.
+    """
+
+    aligned: int = 0
+    migrated: int = 0
+    src_not_present: int = 0
+    src_pte_thp_failed: int = 0
+    src_thp_dst_not_failed: int = 0
+    dst_out_of_bound_failed: int = 0
+    dst_thp_src_not_failed: int = 0
+    dst_pte_thp_failed: int = 0
+    dst_compound_failed: int = 0
+    dst_isolate_free_failed: int = 0
+    dst_migrate_free_failed: int = 0
+    dst_anon_failed: int = 0
+    dst_file_failed: int = 0
+    dst_non_lru_failed: int = 0
+    dst_non_moveable_failed: int = 0
+
+    def failures(self) -> dict[str, int]:
+        """Pages per failure category, nonzero ones only (not-present pages included: the
+        kernel counts them as failed, and they block promotion)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("aligned", "migrated") and getattr(self, f.name)
+        }
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures().values())
+
+    def __add__(self, other: DefragStats) -> DefragStats:
+        return DefragStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+
+FAILURE_CATEGORIES = tuple(f.name for f in fields(DefragStats))[2:]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """One per-chunk line of the defrag log (action 3): one attempt at a 2 MiB sub-chunk.
+
+    `anchor_vpn`/`anchor_pfn` pin the VMA's VA-PA offset; `anchor_start`/`anchor_last` are
+    the anchor interval (byte addresses, `last` inclusive); `not_defrag` is the byte
+    address just after the page that caused a hard stop, 0 if none.
+    """
+
+    start: int
+    end: int
+    pages: int
+    stats: DefragStats
+    anchor_vpn: int
+    anchor_pfn: int
+    anchor_start: int
+    anchor_last: int
+    vma_id: int
+    not_defrag: int
+
+    @property
+    def hard_stop(self) -> bool:
+        return self.not_defrag != 0
+
+
+@dataclass(frozen=True, slots=True)
+class DefragLog:
+    vmas: tuple[DefragVma, ...]
+    chunks: tuple[ChunkResult, ...]
+    truncated: bool = False  # the text ended inside a line (the kernel's buffer filled)
+
+
+@dataclass(frozen=True, slots=True)
+class DefragSummary:
+    """Totals over the chunks of a defrag log, each chunk counted once (its last attempt).
+
+    `chunk_failures` counts chunks per failure category, the unit Outcome.failures uses.
+    """
+
+    chunks: int
+    clean_chunks: int  # no failed page: the ones the kernel may promote to a THP
+    pages: DefragStats
+    chunk_failures: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class DefragPass:
+    """What Ranger.defrag did: calls made, whether the kernel said the pass was complete,
+    and its log (empty when asked for none)."""
+
+    calls: int
+    complete: bool
+    log: DefragLog
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def parse_contig_dump(text: str) -> tuple[ContigVma, ...]:
+    """The text of action 5, all calls' outputs concatenated (a line split across calls
+    continues without a header, so split only after joining)."""
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 5 or parts[-1] != "-1":
+            raise RangerParseError(f"contiguity dump line {n}: not 'mm, vma, start, end, ..., -1'")
+        try:
+            vma_id, start, end = (_hex(p) for p in parts[1:4])
+            runs = tuple(int(p) for p in parts[4:-1])
+        except ValueError as e:
+            raise RangerParseError(f"contiguity dump line {n}: {e}") from None
+        if end <= start:
+            raise RangerParseError(f"contiguity dump line {n}: VMA end {end:#x} <= start")
+        out.append(ContigVma(parts[0], vma_id, start, end, runs))
+    return tuple(out)
+
+
+def _hex(text: str) -> int:
+    if not text.startswith("0x"):
+        raise ValueError(f"{text!r} is not 0x-prefixed hex")
+    return int(text, 16)
+
+
+_X = r"[0-9a-f]+"
+_CHUNK = re.compile(
+    rf"\[0x(?P<start>{_X}), 0x(?P<end>{_X})\):(?P<pages>\d+) \[(?P<stats>[^\]]*)\], "
+    rf"anchor: \((?P<vpn>{_X}), (?P<pfn>{_X})\), range: \[(?P<rs>{_X}), (?P<rl>{_X})\], "
+    rf"vma: 0x(?P<vma>{_X}), not_defrag_vpn: (?P<nd>{_X})"
+)
+_VMA = re.compile(rf"vma: 0x({_X}), 0x({_X}), 0x({_X}), -1")
+# One item of the stats list with the separator before it: a section ("src: ", "dst: ") or
+# a counter. RFC04 prints no comma before "dst:", so the comma is optional.
+_STAT = re.compile(r",?\s*(?:(?P<section>src|dst):(?= )|(?P<key>[a-z_-]+):(?P<value>\d+))")
+
+# (section, key) in the log -> DefragStats field. RFC04 layout, then ISCA@08047bf's.
+_STAT_FIELDS = {
+    ("", "alig"): "aligned",
+    ("", "migrated"): "migrated",
+    ("src", "not"): "src_not_present",
+    ("src", "src_thp_dst_not"): "src_thp_dst_not_failed",
+    ("src", "src_pte_thp"): "src_pte_thp_failed",
+    ("dst", "out_bound"): "dst_out_of_bound_failed",
+    ("dst", "dst_thp_src_not"): "dst_thp_src_not_failed",
+    ("dst", "dst_pte_thp"): "dst_pte_thp_failed",
+    ("dst", "isolate_free"): "dst_isolate_free_failed",
+    ("dst", "migrate_free"): "dst_migrate_free_failed",
+    ("dst", "anon"): "dst_anon_failed",
+    ("dst", "file"): "dst_file_failed",
+    ("dst", "non-lru"): "dst_non_lru_failed",
+    ("dst", "non-moveable"): "dst_non_moveable_failed",
+    ("src", "compound"): "src_pte_thp_failed",
+    ("dst", "compound"): "dst_compound_failed",
+    ("dst", "free"): "dst_migrate_free_failed",
+}
+
+
+def parse_stats(text: str) -> DefragStats:
+    """The bracketed defrag_result_stats of a chunk line, in either documented layout."""
+    values: dict[str, int] = {}
+    section, pos = "", 0
+    for m in _STAT.finditer(text):
+        if m.start() != pos:
+            raise RangerParseError(f"defrag stats: unexpected text {text[pos : m.start()]!r}")
+        pos = m.end()
+        if m["section"]:
+            section = m["section"]
+            continue
+        name = _STAT_FIELDS.get((section, m["key"]))
+        if name is None:
+            where = f"{section}: " if section else ""
+            raise RangerParseError(f"defrag stats: unknown field {where}{m['key']!r}")
+        if name in values:
+            raise RangerParseError(f"defrag stats: {name} given twice")
+        values[name] = int(m["value"])
+    if pos != len(text) or "aligned" not in values:
+        raise RangerParseError(f"defrag stats: not a defrag_result_stats list: {text!r}")
+    return DefragStats(**values)
+
+
+def parse_defrag_log(text: str) -> DefragLog:
+    """The log of action 3, all calls' outputs concatenated. Text after the last newline
+    is a line cut short by a full buffer: dropped, and flagged as `truncated`."""
+    body, _, tail = text.rpartition("\n")
+    vmas: list[DefragVma] = []
+    chunks: list[ChunkResult] = []
+    for n, line in enumerate(body.split("\n"), 1):
+        if not line.strip():
+            continue
+        if m := _VMA.fullmatch(line):
+            vmas.append(DefragVma(*(int(g, 16) for g in m.groups())))
+        elif m := _CHUNK.fullmatch(line):
+            chunks.append(
+                ChunkResult(
+                    start=int(m["start"], 16),
+                    end=int(m["end"], 16),
+                    pages=int(m["pages"]),
+                    stats=parse_stats(m["stats"]),
+                    anchor_vpn=int(m["vpn"], 16),
+                    anchor_pfn=int(m["pfn"], 16),
+                    anchor_start=int(m["rs"], 16),
+                    anchor_last=int(m["rl"], 16),
+                    vma_id=int(m["vma"], 16),
+                    not_defrag=int(m["nd"], 16),
+                )
+            )
+        else:
+            raise RangerParseError(f"defrag log line {n}: neither a vma nor a chunk line")
+    return DefragLog(tuple(vmas), tuple(chunks), truncated=bool(tail))
+
+
+def last_attempts(chunks: Iterable[ChunkResult]) -> list[ChunkResult]:
+    """One line per chunk: after a hard stop the kernel redoes the rest of the same chunk
+    and prints another line whose counters include the earlier attempts' (its stats are
+    declared before the retry label), so only the last attempt of each chunk counts."""
+    out: list[ChunkResult] = []
+    for c in chunks:
+        prev = out[-1] if out else None
+        if prev and prev.hard_stop and (prev.vma_id, prev.end) == (c.vma_id, c.end):
+            out[-1] = c
+        else:
+            out.append(c)
+    return out
+
+
+def summarize(chunks: Iterable[ChunkResult]) -> DefragSummary:
+    settled = last_attempts(chunks)
+    total = DefragStats()
+    by_category: dict[str, int] = {}
+    for c in settled:
+        total += c.stats
+        for name in c.stats.failures():
+            by_category[name] = by_category.get(name, 0) + 1
+    return DefragSummary(
+        chunks=len(settled),
+        clean_chunks=sum(1 for c in settled if not c.stats.failed),
+        pages=total,
+        chunk_failures=MappingProxyType(by_category),
+    )
+
+
+# ---------------------------------------------------------------- the syscall
+
+
+class Ranger:
+    """scan_process_memory on a kernel proven to have it; refuses to exist elsewhere.
+
+    Calls are serialized by a module-wide lock held for a whole pass, because the kernel
+    keeps one scan state for the system and resets it whenever another mm is named.
+    """
+
+    def __init__(self, syscall_nr: int | None, *, proc_root: str = "/proc", buf_len: int = BUF_LEN):
+        ok, reason = ranger_support(syscall_nr, proc_root)
+        if not ok:
+            raise RangerUnavailable(reason)
+        assert syscall_nr is not None
+        self.syscall_nr = syscall_nr
+        self.buf_len = buf_len
+        self._fn: Callable[..., int] | None = None  # libc's syscall(), loaded on first use
+        self._buf: ctypes.Array[ctypes.c_char] | None = None
+
+    def defrag(
+        self,
+        handle: PidHandle,
+        *,
+        log: bool = True,
+        max_calls: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> DefragPass:
+        """Action 3 until the kernel returns 0 (pass complete), `max_calls` calls were
+        made, or should_stop() says so between calls. With `log`, the per-chunk log is
+        collected and parsed; without, the kernel only answers 1 (more to do) or 0."""
+        text, calls, complete = self._run(handle, MEM_DEFRAG_DEFRAG, log, max_calls, should_stop)
+        return DefragPass(calls, complete, parse_defrag_log(text) if log else DefragLog((), ()))
+
+    def contig_scan(self, handle: PidHandle) -> tuple[ContigVma, ...]:
+        """Action 5: the kernel's own contiguity dump of every VMA of the process."""
+        text, _, _ = self._run(handle, MEM_DEFRAG_CONTIG_SCAN, True, None, lambda: False)
+        return parse_contig_dump(text)
+
+    def _run(
+        self,
+        handle: PidHandle,
+        action: int,
+        log: bool,
+        max_calls: int | None,
+        should_stop: Callable[[], bool],
+    ) -> tuple[str, int, bool]:
+        parts: list[bytes] = []
+        calls = 0
+        with _LOCK:
+            buf = self._buffer() if log else None
+            while max_calls is None or calls < max_calls:
+                if calls and should_stop():
+                    break
+                ret = self._call(handle, buf, action)
+                calls += 1
+                if ret == 0:
+                    return b"".join(parts).decode("ascii", "replace"), calls, True
+                if buf is not None:
+                    parts.append(buf.raw[:ret])
+        return b"".join(parts).decode("ascii", "replace"), calls, False
+
+    def _buffer(self) -> ctypes.Array[ctypes.c_char]:
+        if self._buf is None:
+            self._buf = ctypes.create_string_buffer(self.buf_len)
+        return self._buf
+
+    def _call(self, handle: PidHandle, buf: ctypes.Array[ctypes.c_char] | None, action: int) -> int:
+        """One syscall on the process the handle proves. The syscall takes a pid, not a
+        pidfd: the pidfd is polled first, so a process that exited (whose pid may be
+        reused) is never named."""
+        _require_alive(handle)
+        ret, err = self._syscall(handle.pid, buf, len(buf) if buf is not None else 0, action)
+        if ret >= 0:
+            return ret
+        if err == errno.ESRCH:
+            raise ProcessGone(f"pid {handle.pid}: no such process")
+        if err == errno.EPERM:
+            raise AccessDenied(f"pid {handle.pid}: scan_process_memory: not permitted")
+        if err == errno.ENOSYS:
+            raise RangerUnavailable(
+                f"the kernel has no syscall {self.syscall_nr}: daemon.ranger.syscall is wrong"
+            )
+        raise OSError(err, f"scan_process_memory(pid {handle.pid}, action {action})")
+
+    def _syscall(
+        self, pid: int, buf: ctypes.Array[ctypes.c_char] | None, buf_len: int, action: int
+    ) -> tuple[int, int]:
+        if self._fn is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall.restype = ctypes.c_long
+            self._fn = libc.syscall
+        ctypes.set_errno(0)
+        ret = self._fn(
+            ctypes.c_long(self.syscall_nr),
+            ctypes.c_long(pid),
+            buf,
+            ctypes.c_long(buf_len),
+            ctypes.c_long(action),
+        )
+        return (ret, 0) if ret >= 0 else (-1, ctypes.get_errno())
+
+
+def _require_alive(handle: PidHandle) -> None:
+    if handle.fd < 0:
+        raise ProcessGone(f"pid {handle.pid}: handle closed")
+    poller = select.poll()
+    poller.register(handle.fd, select.POLLIN)
+    if poller.poll(0):  # a pidfd is readable once its process has exited
+        raise ProcessGone(f"pid {handle.pid}: exited")

@@ -1,0 +1,1 @@
+"""The running daemon: main loop, signals, systemd integration and logging."""
