@@ -1,0 +1,380 @@
+"""The daemon's main loop: discover -> scan -> plan -> execute -> verify, cycle after cycle.
+
+Everything that blocks is bounded: waits are short (signals and proc events are seen
+within half a second), a request is at most one chunk and checks for SIGTERM between 2 MiB
+regions, and every race with an exiting process ends as a counted, logged-once event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..backends.kernel import KernelBackend
+from ..backends.kernel.collapse import collapse
+from ..backends.kernel.compaction import Compactor
+from ..backends.kernel.ranger import ranger_support
+from ..config import Config, load_config
+from ..model import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
+from ..report import ProcessReport, scan_process
+from .discovery import Discovery, ProcEvents, Tracked
+from .logs import once
+from .scheduler import Candidate, Scheduler, SchedulerSettings
+from .systemd import Notifier, Watchdog, watchdog_interval
+
+log = logging.getLogger("memdefragd")
+
+WAIT_STEP = 0.5  # longest sleep: how late a signal or a process event may be noticed
+PRESSURE_EVERY = 1.0  # seconds between readings of PSI and MemAvailable while working
+
+
+@dataclass
+class Stats:
+    """Counters of what the daemon did, for logs, STATUS= and the exporter."""
+
+    cycles: int = 0
+    last_cycle: float = 0.0  # wall time of the last completed scan cycle
+    scans: int = 0
+    scan_seconds: float = 0.0
+    pages_scanned: int = 0
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, result)
+    bytes_attempted: Counter[str] = field(default_factory=Counter)  # by method
+    bytes_done: Counter[str] = field(default_factory=Counter)
+    bytes_verified: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)  # by reason
+    races: Counter[str] = field(default_factory=Counter)  # exited, access_denied...
+    reloads: Counter[str] = field(default_factory=Counter)  # ok, failed
+    outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
+
+    def record(self, outcome: Outcome, verified: int) -> None:
+        method = outcome.request.method
+        result = outcome.stopped or ("ok" if not outcome.failures else "partial")
+        self.requests[method, result] += 1
+        self.bytes_attempted[method] += outcome.bytes_attempted
+        self.bytes_done[method] += outcome.bytes_done
+        self.bytes_verified[method] += verified
+        self.failures.update(outcome.failures)
+        self.outcomes = [*self.outcomes[-99:], (outcome, verified)]
+
+
+def scheduler_settings(config: Config) -> SchedulerSettings:
+    d = config.daemon
+    return SchedulerSettings(
+        bytes_per_second=d.bytes_per_second,
+        cpu_share=d.cpu_share,
+        chunk_bytes=d.chunk,
+        cooldown=d.cooldown,
+        backoff_initial=d.backoff_initial,
+        backoff_max=d.backoff_max,
+        psi_some_avg10=d.psi_some_avg10,
+        min_available_bytes=d.min_available,
+        chunk_by_target={n: o.chunk for n, o in config.overrides.items() if o.chunk},
+        cooldown_by_target={
+            n: o.cooldown for n, o in config.overrides.items() if o.cooldown is not None
+        },
+    )
+
+
+def check_methods(config: Config) -> None:
+    """Refuse at start-up a method this kernel cannot carry out, saying why."""
+    methods = {config.daemon.method} | {
+        o.method for o in config.overrides.values() if o.method is not None
+    }
+    if "ranger" in methods:
+        ok, reason = ranger_support(config.daemon.ranger_syscall)
+        if not ok:
+            raise SystemExit(f"memdefragd: {reason}")
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: KernelBackend | None = None,
+        notifier: Notifier | None = None,
+        dry_run: bool = False,
+        events: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        check_methods(config)
+        self.config = config
+        self.backend = backend or KernelBackend()
+        self.notifier = notifier or Notifier()
+        self.dry_run = dry_run
+        self.clock = clock
+        self.stats = Stats()
+        self.scheduler = Scheduler(scheduler_settings(config))
+        self.events = ProcEvents() if events else None
+        self.discovery = Discovery(self.backend, config.targets, self.events)
+        self.compactor = Compactor(config.daemon.compaction_interval)
+        self.reports: dict[int, ProcessReport] = {}  # latest scan per pid
+        self.paused: str | None = None
+        self._last_pressure = float("-inf")
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._dirty: set[int] = set()  # pids to scan before the next cycle
+        interval = watchdog_interval()
+        self.watchdog = Watchdog(interval) if interval else None
+
+    # ---------------------------------------------------------------- control
+
+    def request_stop(self) -> None:
+        """Signal-safe: the loop stops at the next region boundary or wait step."""
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, *, once: bool = False) -> int:
+        if self.events is not None:
+            self.events.start()
+        try:
+            self.discovery.rescan()
+            self.notifier.ready(self.status_line())
+            log.info(
+                "started: backend %s, method %s, %d target(s), config %s (sha256 %s)",
+                self.backend.name, self.config.daemon.method, len(self.config.targets),
+                self.config.path, self.config.sha256[:12],
+            )  # fmt: skip
+            next_scan = self.clock()
+            while not self.stopping:
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                now = self.clock()
+                if now >= next_scan or self._dirty:
+                    full = now >= next_scan
+                    self.scan_cycle(full=full)
+                    if full:
+                        next_scan = now + self.config.daemon.scan_interval
+                    if once:
+                        self.drain()
+                        break
+                if self.clock() - self._last_pressure >= PRESSURE_EVERY:
+                    self.update_pressure()
+                if not self.work_once():
+                    self.wait(min(WAIT_STEP, max(0.0, next_scan - self.clock())))
+                self.ping()
+        finally:
+            self.notifier.stopping()
+            log.info("stopping: %s", self.status_line())
+            self.discovery.close()
+            if self.events is not None:
+                self.events.stop()
+            self.backend.close()
+        return 0
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout`, waking early for process events (which may add targets)."""
+        changes = self.discovery.poll(timeout)
+        for pid in changes.dropped:
+            self.forget(pid)
+        self._dirty |= set(changes.added) | set(changes.retargeted)
+
+    def ping(self) -> None:
+        now = self.clock()
+        if self.watchdog is not None and self.watchdog.due(now):
+            self.notifier.watchdog()
+            self.watchdog.pinged(now)
+
+    def reload(self) -> None:
+        """SIGHUP: a bad new config keeps the old one running, and says why."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.path)
+            check_methods(new)
+        except (Exception, SystemExit) as e:  # ConfigError, or a method refused
+            self.stats.reloads["failed"] += 1
+            log.error("reload failed, keeping the running config: %s", e)
+            self.notifier.ready(f"reload failed, old config kept: {str(e).splitlines()[0]}")
+            return
+        self.config = new
+        self.scheduler = Scheduler(scheduler_settings(new))
+        self.discovery.set_targets(new.targets)
+        self.compactor = Compactor(new.daemon.compaction_interval)
+        self.stats.reloads["ok"] += 1
+        log.info("reloaded %s (sha256 %s)", new.path, new.sha256[:12])
+        self._dirty |= set(self.discovery.tracked)
+        self.notifier.ready(self.status_line())
+
+    # ---------------------------------------------------------------- cycle
+
+    def scan_cycle(self, *, full: bool) -> None:
+        """Scan every tracked process (or only new ones), then plan afresh."""
+        if full:
+            for pid in self.discovery.rescan().dropped:
+                self.forget(pid)
+            pids = list(self.discovery.tracked)
+        else:
+            pids = [p for p in self._dirty if p in self.discovery.tracked]
+        self._dirty.clear()
+        state = self.backend.memory_state()
+        for pid in pids:
+            tracked = self.discovery.tracked.get(pid)
+            if tracked is not None:
+                self.scan_one(tracked, state.max_ptes_none)
+        self.scheduler.plan(self.candidates(), self.clock())
+        self.update_pressure(state)
+        if full:
+            self.stats.cycles += 1
+            self.stats.last_cycle = time.time()
+        sched = self.scheduler
+        log.info(
+            "scanned %d process(es): %d MiB queued in %d request(s)%s%s",
+            len(pids), sched.queue_bytes >> 20, sched.queue_length,
+            f", {sched.planned_observe_bytes >> 20} MiB left alone (observe or dry run)"
+            if sched.planned_observe_bytes else "",
+            f", paused: {self.paused}" if self.paused else "",
+        )  # fmt: skip
+        self.notifier.status(self.status_line())
+
+    def scan_one(self, tracked: Tracked, max_ptes_none: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            rep = scan_process(
+                self.backend, tracked.proc, target=tracked.target.name, collect=True,
+                max_ptes_none=max_ptes_none,
+            )  # fmt: skip
+        except (ProcessGone, AccessDenied) as e:
+            kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
+            self.stats.races[kind] += 1
+            once(log, (kind, tracked.proc.pid), logging.INFO, "skipping pid %d (%s): %s",
+                 tracked.proc.pid, tracked.proc.comm, e)  # fmt: skip
+            self.forget(tracked.proc.pid)
+            return
+        self.stats.scans += 1
+        self.stats.scan_seconds += time.perf_counter() - t0
+        self.stats.pages_scanned += rep.totals.present_pages
+        self.reports[tracked.proc.pid] = rep
+
+    def candidates(self) -> list[Candidate]:
+        out = []
+        for pid, rep in self.reports.items():
+            tracked = self.discovery.tracked.get(pid)
+            if tracked is None:
+                continue
+            t = tracked.target
+            for v in rep.vmas:
+                vpns = v.metrics.collapsible_vpns
+                if vpns is None or vpns.size == 0:
+                    continue
+                out.append(
+                    Candidate(
+                        target=t.name,
+                        priority=t.priority,
+                        mode="observe" if self.dry_run else t.mode,
+                        pid=pid,
+                        start_time=tracked.proc.start_time,
+                        vma_start=v.vma.start,
+                        vma_end=v.vma.end,
+                        regions=vpns << np.uint64(PAGE_SHIFT),
+                        present=v.metrics.collapsible_present,
+                        hotness=None,
+                    )
+                )
+        return out
+
+    def update_pressure(self, state=None) -> None:
+        state = state or self.backend.memory_state()
+        self.scheduler.pressure(state, self.clock())
+        reason = self.scheduler.paused
+        if reason != self.paused:
+            if reason:
+                log.warning("pausing: %s", reason)
+            else:
+                log.info("resuming: memory pressure is back under the thresholds")
+        self.paused = reason
+        self._last_pressure = self.clock()
+
+    def drain(self) -> None:
+        """--once: carry out everything planned, within the budget, then return."""
+        while not self.stopping:
+            if not self.work_once():
+                idle = self.scheduler.why_idle
+                if not idle or idle.startswith(("empty", "paused", "backoff")):
+                    return
+                time.sleep(0.05)  # budget or cooldown: both refill by themselves
+
+    def work_once(self) -> bool:
+        """Carry out the best request the budget allows; False when there is none."""
+        req = self.scheduler.next_request(self.clock())
+        if req is None:
+            return False
+        tracked = self.discovery.tracked.get(req.pid)
+        if tracked is None or tracked.proc.start_time != req.start_time:
+            self.scheduler.forget(req.pid)
+            return True
+        method = self.method_for(tracked.target.name)
+        req = replace(req, method=method)
+        outcome = collapse(tracked.handle, req, should_stop=self._stop.is_set)
+        verified = self.verify(tracked, req) if outcome.bytes_done else 0
+        self.scheduler.record(outcome, self.clock())
+        self.stats.record(outcome, verified)
+        self.after(outcome, verified, tracked)
+        return True
+
+    def method_for(self, target: str) -> str:
+        o = self.config.overrides.get(target)
+        return o.method if o is not None and o.method else self.config.daemon.method
+
+    def verify(self, tracked: Tracked, req: Request) -> int:
+        """Bytes of the request's ranges that are now PMD-mapped, by a fresh scan."""
+        vmas = [Vma(lo, hi, "rw-p", 0, "00:00", 0, "") for lo, hi in req.ranges]
+        try:
+            huge = sum(
+                int(np.count_nonzero(w.thp))
+                for _, w in self.backend.iter_layouts(tracked.proc, vmas)
+            )
+        except (ProcessGone, AccessDenied):
+            return 0
+        return huge * PAGE_SIZE
+
+    def after(self, outcome: Outcome, verified: int, tracked: Tracked) -> None:
+        req = outcome.request
+        log.info(
+            "%s pid %d (%s) %s: %d MiB attempted, %d MiB done, %d MiB verified, %.0f ms%s",
+            req.method, req.pid, tracked.target.name, f"0x{req.ranges[0][0]:x}",
+            outcome.bytes_attempted >> 20, outcome.bytes_done >> 20, verified >> 20,
+            outcome.duration * 1e3,
+            "" if not outcome.failures else f", failures {dict(outcome.failures)}",
+        )  # fmt: skip
+        if outcome.stopped in ("ESRCH",):
+            self.stats.races["exited"] += 1
+            self.forget(req.pid)
+        elif outcome.stopped == "EPERM":
+            once(log, ("EPERM", req.pid), logging.WARNING,
+                 "not allowed to collapse pid %d: memdefragd needs CAP_SYS_NICE and ptrace "
+                 "access to it (run as root)", req.pid)  # fmt: skip
+        elif outcome.stopped == "ENOMEM" and self.config.daemon.compaction:
+            for node in self.compactor.maybe_compact():
+                log.info("asked the kernel to compact node %d (no free 2 MiB block)", node)
+
+    def forget(self, pid: int) -> None:
+        self.reports.pop(pid, None)
+        self.scheduler.forget(pid)
+
+    def status_line(self) -> str:
+        s = self.stats
+        done = sum(s.bytes_verified.values()) >> 20
+        paused = f", paused: {self.paused}" if self.paused else ""
+        return (
+            f"{len(self.discovery.tracked)} process(es) tracked, {s.cycles} cycle(s), "
+            f"{done} MiB made huge{paused}"
+        )
+
+
+def default_events() -> bool:
+    """Netlink process events need the host's network namespace; tests may turn them off."""
+    return os.environ.get("MEMDEFRAGD_NO_PROC_EVENTS", "") in ("", "0")

@@ -1,0 +1,205 @@
+"""`memdefragd run` end to end on the real kernel, on children these tests start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import MiB, require_kernel
+
+pytestmark = pytest.mark.kernel
+
+
+def anon_huge(pid: int, addr: int) -> int:
+    """AnonHugePages (bytes) of the VMA starting at addr, from the kernel's smaps."""
+    text = Path(f"/proc/{pid}/smaps").read_text()
+    head = f"{addr:x}-"
+    inside = False
+    for line in text.splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":
+            inside = line.startswith(head)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VMA at 0x{addr:x}")
+
+
+def write_config(path: Path, comm: str, extra: str = "") -> Path:
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            daemon:
+              scan_interval: 1s
+              budget: {{bytes_per_second: 8GiB, cpu_share: 1.0}}
+              pressure: {{psi_some_avg10: 100, min_available: 0}}
+            {extra}
+            targets:
+              - name: testee
+                match: {{comm: '^{comm}$'}}
+            """
+        )
+    )
+    os.chmod(path, 0o644)
+    return path
+
+
+class Daemon:
+    """`memdefragd run` as a subprocess, its log lines collected."""
+
+    def __init__(self, config: Path, *args: str, env: dict | None = None):
+        self.log_path = config.with_suffix(".log")
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(config), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 30.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.text()
+            if needle in text:
+                return text
+            assert self.proc.poll() is None, f"daemon exited early:\n{text}"
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{needle!r} not in the daemon's log within {timeout} s:\n{self.text()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(*a, **kw) -> Daemon:
+        d = Daemon(*a, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def test_daemon_collapses_a_target_and_loses_no_byte(spawn, daemons, tmp_path):
+    child = spawn(1024 * MiB, pattern=True, comm="mdd-e2e-target")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-e2e-target")
+    d = daemons(cfg, "--log-level", "debug")
+    end = time.monotonic() + 120
+    while anon_huge(child.pid, child.addr) < 0.9 * child.size and time.monotonic() < end:
+        assert d.proc.poll() is None, d.text()
+        time.sleep(0.5)
+    huge = anon_huge(child.pid, child.addr)
+    assert huge >= 0.9 * child.size, f"only {huge >> 20} MiB huge:\n{d.text()[-3000:]}"
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t0 < 5.0
+    result = child.verify()
+    assert result["bad"] == [] and result["checked"] == child.size // 4096
+    text = d.text()
+    assert "collapse pid" in text and "MiB verified" in text
+
+
+def test_once_dry_run_plans_but_never_acts(spawn, tmp_path):
+    child = spawn(64 * MiB, comm="mdd-dry-target")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-dry-target")
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg), "--once", "--dry-run"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert anon_huge(child.pid, child.addr) == 0
+    assert "scanned 1 process(es): 0 MiB queued in 0 request(s), 64 MiB left alone" in r.stderr
+
+
+def test_once_collapses_within_one_cycle(spawn, tmp_path):
+    child = spawn(64 * MiB, comm="mdd-once-target")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-once-target")
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert anon_huge(child.pid, child.addr) == 64 * MiB, r.stderr
+
+
+def test_reload_valid_and_invalid_config(spawn, daemons, tmp_path):
+    spawn(8 * MiB, comm="mdd-reload")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-reload")
+    d = daemons(cfg)
+    d.wait_for("started:")
+    cfg.write_text(cfg.read_text().replace("name: testee", "name: renamed"))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for("reloaded")
+    cfg.write_text("targets:\n  - name: x\n    match: {comm: '(('}\n")
+    d.proc.send_signal(signal.SIGHUP)
+    text = d.wait_for("reload failed, keeping the running config")
+    assert "targets[0].match.comm: bad regular expression" in text
+    assert d.proc.poll() is None  # still running on the old config
+    assert d.stop() == 0
+
+
+def test_notify_ready_status_and_watchdog(spawn, daemons, tmp_path):
+    spawn(8 * MiB, comm="mdd-notify")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-notify")
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    try:
+        env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+        d = daemons(cfg, env=env)
+        got: list[str] = []
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (
+            any("READY=1" in m for m in got) and sum("WATCHDOG=1" in m for m in got) >= 2
+        ):
+            got.append(sock.recv(4096).decode())
+        assert any(m.startswith("READY=1") for m in got), got
+        assert any("STATUS=" in m and "tracked" in m for m in got), got
+        assert sum("WATCHDOG=1" in m for m in got) >= 2, got
+        assert d.stop() == 0
+        rest = []
+        sock.settimeout(1)
+        try:
+            while True:
+                rest.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert any("STOPPING=1" in m for m in rest), rest
+    finally:
+        sock.close()
+
+
+def test_refuses_ranger_on_a_kernel_without_it(tmp_path):
+    cfg = write_config(tmp_path / "m.yaml", "nothing", extra="  method: ranger")
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    require_kernel(
+        not Path("/proc/sys/vm/kmem_defragd_always").exists(), "kernel has Translation Ranger"
+    )
+    assert r.returncode != 0
+    assert "needs a kernel patched with Translation Ranger" in r.stderr
