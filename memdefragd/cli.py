@@ -163,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+    dfr = sub.add_parser(
+        "defrag",
+        help="one pass over one process now: scan, collapse, verify, print before/after",
+        description="Collapse every collapsible 2 MiB region of one process now, without\n"
+        "the daemon's budgets, and print its figures before and after.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dfr.add_argument("--pid", type=int, required=True, help="the process")
+    dfr.add_argument(
+        "--method",
+        default="collapse",
+        choices=["collapse", "ranger"],
+        help="collapse: process_madvise(MADV_COLLAPSE) (default); ranger: "
+        "Translation Ranger, only on a kernel patched with it",
+    )
+    dfr.add_argument(
+        "--range",
+        metavar="START-END",
+        help="only regions inside this address range (hex, as in /proc/PID/maps)",
+    )
+    dfr.set_defaults(func=cmd_defrag)
+
     chk = sub.add_parser("check-config", help="validate a configuration file and exit")
     chk.add_argument("file", help="the YAML file to check")
     chk.set_defaults(func=cmd_check_config)
@@ -237,6 +259,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     return daemon.run(once=args.once)
+
+
+def cmd_defrag(args: argparse.Namespace) -> int:
+    from .daemon.loop import ranger_refusal
+    from .defrag import defrag, parse_range, progress_bar, render
+
+    if args.method == "ranger":
+        print(f"memdefragd: {ranger_refusal(None)}", file=sys.stderr)
+        return 2
+    try:
+        span = parse_range(args.range) if args.range else None
+    except ValueError as e:
+        print(f"memdefragd: --range: {e}", file=sys.stderr)
+        return 2
+    backend = KernelBackend()
+    try:
+        proc = backend.process(args.pid)
+        result = defrag(backend, proc, span=span, progress=progress_bar())
+    except (ProcessGone, AccessDenied) as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
+    print(render(result), end="")
+    return 1 if result.stopped else 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

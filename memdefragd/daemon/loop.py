@@ -22,7 +22,7 @@ from ..backends.kernel.collapse import collapse
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_support
 from ..config import Config, load_config
-from ..model import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
+from ..model import PAGE_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
 from ..report import ProcessReport, scan_process
 from .discovery import Discovery, ProcEvents, Tracked
 from .logs import once
@@ -88,9 +88,21 @@ def check_methods(config: Config) -> None:
         o.method for o in config.overrides.values() if o.method is not None
     }
     if "ranger" in methods:
-        ok, reason = ranger_support(config.daemon.ranger_syscall)
-        if not ok:
-            raise SystemExit(f"memdefragd: {reason}")
+        raise SystemExit(f"memdefragd: {ranger_refusal(config.daemon.ranger_syscall)}")
+
+
+def ranger_refusal(syscall_nr: int | None) -> str:
+    """Why method 'ranger' cannot run: this kernel lacks it, or we do not drive it yet."""
+    ok, reason = ranger_support(syscall_nr)
+    if not ok:
+        return reason
+    # The syscall wrapper and its output parsers exist (backends/kernel/ranger.py), but a
+    # whole-process Translation Ranger pass does not map onto per-range requests yet, and
+    # no kernel here has it to test against: refuse rather than pretend.
+    return (
+        "this kernel has Translation Ranger, but the daemon does not drive it yet: "
+        "use method 'collapse'"
+    )
 
 
 class Daemon:
@@ -265,25 +277,14 @@ class Daemon:
             tracked = self.discovery.tracked.get(pid)
             if tracked is None:
                 continue
-            t = tracked.target
-            for v in rep.vmas:
-                vpns = v.metrics.collapsible_vpns
-                if vpns is None or vpns.size == 0:
-                    continue
-                out.append(
-                    Candidate(
-                        target=t.name,
-                        priority=t.priority,
-                        mode="observe" if self.dry_run else t.mode,
-                        pid=pid,
-                        start_time=tracked.proc.start_time,
-                        vma_start=v.vma.start,
-                        vma_end=v.vma.end,
-                        regions=vpns << np.uint64(PAGE_SHIFT),
-                        present=v.metrics.collapsible_present,
-                        hotness=None,
-                    )
-                )
+            target = tracked.target
+            if self.dry_run:
+                target = replace(target, mode="observe")
+            out.extend(
+                Candidate.from_metrics(target, pid, tracked.proc.start_time, v.vma, v.metrics)
+                for v in rep.vmas
+                if v.metrics.collapsible_vpns is not None and v.metrics.collapsible_vpns.size
+            )
         return out
 
     def update_pressure(self, state=None) -> None:

@@ -203,3 +203,31 @@ def test_refuses_ranger_on_a_kernel_without_it(tmp_path):
     )
     assert r.returncode != 0
     assert "needs a kernel patched with Translation Ranger" in r.stderr
+
+
+def test_defrag_one_shot_whole_and_range(spawn):
+    child = spawn(64 * MiB, pattern=True)
+    half = f"{child.addr:x}-{child.addr + 32 * MiB:x}"
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "defrag", "--pid", str(child.pid), "--range", half],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert anon_huge(child.pid, child.addr) == 32 * MiB
+    assert "collapsible regions" in r.stdout and "before" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "defrag", "--pid", str(child.pid)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert anon_huge(child.pid, child.addr) == 64 * MiB
+    assert child.verify()["bad"] == []
+
+
+def test_defrag_of_a_missing_pid_says_so():
+    r = subprocess.run(
+        [sys.executable, "-m", "memdefragd.cli", "defrag", "--pid", "999999999"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip() == "memdefragd: pid 999999999: no such process"
