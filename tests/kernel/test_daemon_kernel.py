@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,3 +232,59 @@ def test_defrag_of_a_missing_pid_says_so():
     )  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.strip() == "memdefragd: pid 999999999: no such process"
+
+
+def test_sigterm_during_a_request_stops_within_5s(spawn, daemons, tmp_path):
+    child = spawn(1024 * MiB, pattern=True, comm="mdd-sigterm")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-sigterm")
+    cfg.write_text(cfg.read_text().replace("bytes_per_second: 8GiB", "bytes_per_second: 64MiB"))
+    d = daemons(cfg)
+    d.wait_for("collapse pid")  # working, and with 1 GiB at 64 MiB/s, far from done
+    assert anon_huge(child.pid, child.addr) < child.size
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t0 < 5.0
+    assert child.verify()["bad"] == []
+
+
+def test_target_exiting_mid_run_is_counted_not_fatal(spawn, daemons, tmp_path):
+    first = spawn(512 * MiB, comm="mdd-exits")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-exits")
+    cfg.write_text(cfg.read_text().replace("bytes_per_second: 8GiB", "bytes_per_second: 64MiB"))
+    d = daemons(cfg, "--log-level", "debug")
+    d.wait_for("collapse pid")
+    first.kill()
+    second = spawn(16 * MiB, comm="mdd-exits")
+    end = time.monotonic() + 30
+    while anon_huge(second.pid, second.addr) < 16 * MiB and time.monotonic() < end:
+        assert d.proc.poll() is None, d.text()
+        time.sleep(0.2)
+    assert anon_huge(second.pid, second.addr) == 16 * MiB, d.text()[-2000:]
+    assert d.stop() == 0
+    assert "Traceback" not in d.text()
+
+
+def test_without_cap_sys_nice_refusal_is_logged_once(spawn, daemons, tmp_path):
+    child = spawn(16 * MiB, comm="mdd-nocap")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-nocap")
+    require_kernel(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
+    drop = ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
+    log_path = tmp_path / "nocap.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(
+            [*drop, sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and log_path.read_text().count("scanned 1 process") < 3:
+                assert p.poll() is None, log_path.read_text()
+                time.sleep(0.2)  # three scan cycles: three chances to log it again
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(10) == 0
+    text = log_path.read_text()
+    assert text.count("scanned 1 process") >= 3, text
+    assert text.count("not allowed to collapse pid") == 1, text
+    assert "Traceback" not in text
+    assert anon_huge(child.pid, child.addr) == 0
