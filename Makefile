@@ -1,6 +1,6 @@
 # The README's two commands:
-#   make run    set up a virtualenv and run the daemon's main job (for now: the report over
-#               the processes named by etc/memdefragd.yaml, with the system section)
+#   make run    set up a virtualenv and run the daemon in the foreground on
+#               etc/memdefragd.yaml (CONFIG=FILE for another), until Ctrl-C
 #   make test   set up and run the whole test suite (ruff, unit, real-kernel, end-to-end)
 # Both install what they need: Debian packages when run as root (or with sudo), then a
 # virtualenv in .venv with the package and its dependencies.
@@ -15,7 +15,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linu
 .PHONY: run test lint setup system-deps clean
 
 run: setup
-	$(BIN)/memdefragd report --config $(CONFIG) --system
+	$(BIN)/memdefragd run --config $(CONFIG)
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
