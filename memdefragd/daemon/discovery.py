@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import queue
 import select as _select
@@ -68,6 +69,7 @@ Event = tuple[str, Any]  # ("exec"|"fork"|"comm"|"uid"|"exit", tgid) or ("lost",
 
 _MAX_QUEUE = 200_000  # events buffered for the consumer before we call them lost
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
+_SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in Python's socket module
 
 
 # ---------------------------------------------------------------- values
@@ -383,7 +385,7 @@ def open_socket(rcvbuf: int | None = None) -> Any:
     try:
         if rcvbuf:
             try:
-                ps.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
+                ps.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
             except PermissionError:
                 ps.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         ps.bind()
@@ -395,10 +397,20 @@ def open_socket(rcvbuf: int | None = None) -> Any:
 
 
 def _close_quietly(ps: Any) -> None:
+    """Close a socket that may have failed. pyroute2's close runs its private event loop,
+    whose callbacks can fail on a half-open socket: keep their tracebacks out of the log.
+    A failed close leaves the loop and socket fds to the cyclic garbage collector."""
+    with contextlib.suppress(Exception):
+        ps.asyncore.event_loop.set_exception_handler(_loop_exception)
     try:
         ps.close()
-    except Exception as e:  # a socket that failed may fail to close too
+    except Exception as e:
         log.debug("closing the proc event socket: %r", e)
+        gc.collect()
+
+
+def _loop_exception(loop: object, context: dict[str, Any]) -> None:
+    log.debug("pyroute2 event loop: %s", context.get("exception") or context.get("message"))
 
 
 _libc: Any = None
@@ -616,7 +628,7 @@ class Discovery:
 
     def _next_rescan(self) -> float:
         if self._last_rescan is None:
-            return self.clock()
+            return float("-inf")
         healthy = self.events is not None and self.events.available
         return self._last_rescan + (self.rescan_interval if healthy else self.fallback_interval)
 

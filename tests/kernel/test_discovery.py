@@ -25,11 +25,13 @@ import pytest
 
 from memdefragd.daemon.discovery import (
     EXITED,
+    PROC_EVENT_COMM,
     REUSED,
     Changes,
     Discovery,
     ProcEvents,
     Tracked,
+    _poke,
     open_socket,
 )
 from memdefragd.targets import Matcher, Target
@@ -248,6 +250,31 @@ def test_stop_returns_promptly_and_releases_the_socket():
     assert fd_count() == before  # the socket and its event loop were closed
 
 
+def test_the_wakeup_is_a_comm_event_of_our_own():
+    """stop() relies on this: renaming a thread to its own name makes the kernel send a
+    COMM event to every subscriber, so a reader blocked in get() always wakes up."""
+    try:
+        ps = open_socket()
+    except Exception as e:
+        require_kernel(False, f"proc events unavailable: {e!r}")
+    try:
+        with open("/proc/thread-self/comm") as f:
+            before = f.read()
+        _poke()
+        with open("/proc/thread-self/comm") as f:
+            assert f.read() == before  # the name is unchanged
+        tid = threading.get_native_id()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msgs = ps.get()
+            if any(m["what"] == PROC_EVENT_COMM and m["process_pid"] == tid for m in msgs):
+                break
+        else:
+            pytest.fail("no COMM event for our own thread")
+    finally:
+        ps.close()
+
+
 class GatedSocket:
     """A real proc event socket whose first get() waits for the test to open the gate,
     so that the kernel's receive buffer fills up meanwhile."""
@@ -285,16 +312,24 @@ def test_overflow_is_lost_events_then_a_rescan_finds_the_target(backend, tmp_pat
             child = children.start([named_sleep(tmp_path, name), "60"])
             t0 = time.monotonic()
             gate.set()
-            _, ch = poll_until(d, lambda ch: child.pid in ch.added, t0)
-            assert ev.counters["lost"] >= 1 and ev.counters["resubscribed"] >= 1
+            poll_until(d, lambda ch: child.pid in ch.added, t0)
+            assert ev.counters["lost"] >= 1
             assert d.counters["lost"] >= 1 and d.counters["rescans"] >= 2
-            assert len(made) >= 2  # a new socket after the failure
-            # Events flow again on the new socket.
+            # A new socket, and events flow again on it.
+            deadline = time.monotonic() + 10
+            while not (ev.available and ev.counters["resubscribed"]):
+                assert time.monotonic() < deadline, "never subscribed again"
+                d.poll(0.05)
+            d.poll(0.2)  # the ("lost", "resubscribed") that follows: one more rescan
+            assert len(made) >= 2
             other = unique_name()
             d.set_targets([target, comm_target(other)])
+            rescans = d.counters["rescans"]
             t1 = time.monotonic()
             later = children.start([named_sleep(tmp_path, other), "60"])
-            poll_until(d, lambda ch: later.pid in ch.added, t1)
+            latency, _ = poll_until(d, lambda ch: later.pid in ch.added, t1)
+            assert latency < PICKUP_LIMIT
+            assert d.counters["rescans"] == rescans  # by its events
     finally:
         assert ev.stop(timeout=5.0)
 

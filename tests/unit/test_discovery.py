@@ -3,6 +3,7 @@ Discovery and ProcEvents shells driven by fakes (a backend, pidfds, events, a so
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -367,7 +368,7 @@ def test_unavailable_events_fall_back_to_listing():
     b = FakeBackend()
     ev = FakeEvents()
     ev.available = False
-    d, clock = discovery(b, [REDIS], ev, fallback_interval=2.0, rescan_interval=600.0)
+    d, _ = discovery(b, [REDIS], ev, fallback_interval=2.0, rescan_interval=600.0)
     d.rescan()
     b.procs[4] = proc(4, "redis")
     assert dict(d.poll(3.0).added) == {4: "redis"}
@@ -506,7 +507,7 @@ def test_proc_events_resubscribe_retries_with_backoff():
     assert ev.start()
     events = collect(ev, 3)
     assert events == [("lost", "RuntimeError: boom"), ("lost", "resubscribed"), ("exec", 3)]
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert [g >= d * 0.99 for g, d in zip(gaps, (0.01, 0.02, 0.04), strict=True)] == [True] * 3
     assert ev.stop(timeout=2.0)
 
