@@ -423,6 +423,8 @@ def _poke() -> None:
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
+            ulong = ctypes.c_ulong
+            _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ulong, ulong, ulong)
         name = ctypes.create_string_buffer(16)
         if _libc.prctl(_PR_GET_NAME, name, 0, 0, 0) == 0:
             _libc.prctl(_PR_SET_NAME, name, 0, 0, 0)

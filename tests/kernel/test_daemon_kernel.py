@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -131,7 +132,10 @@ def test_once_dry_run_plans_but_never_acts(spawn, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert anon_huge(child.pid, child.addr) == 0
-    assert "scanned 1 process(es): 0 MiB queued in 0 request(s), 64 MiB left alone" in r.stderr
+    m = re.search(
+        r"scanned 1 process\(es\): 0 MiB queued in 0 request\(s\), (\d+) MiB left", r.stderr
+    )
+    assert m and int(m[1]) >= 64, r.stderr  # the 64 MiB mapping, and maybe some heap
 
 
 def test_once_collapses_within_one_cycle(spawn, tmp_path):

@@ -27,6 +27,7 @@ from memdefragd.daemon.discovery import (
     Plan,
     ProcEvents,
     Tracked,
+    namespace_problem,
     plan,
     reduce_events,
     translate,
@@ -524,3 +525,20 @@ def test_proc_events_queue_overflow_is_a_lost_event(monkeypatch):
         time.sleep(0.01)
     assert ev.wait(0) == [("exec", 10), ("exec", 11), ("exec", 12), ("lost", "event queue full")]
     assert ev.stop(timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("nspid", "uid_map", "problem"),
+    [
+        ("NSpid:\t4242\n", "         0          0 4294967295\n", None),
+        ("NSpid:\t4242\t7\n", "         0          0 4294967295\n", "nested PID namespace"),
+        ("NSpid:\t4242\n", "         0     100000      65536\n", "user namespace"),
+    ],
+)
+def test_namespace_problem(tmp_path, nspid, uid_map, problem):
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self/status").write_text(f"Name:\tpython\n{nspid}Uid:\t0\t0\t0\t0\n")
+    (tmp_path / "self/uid_map").write_text(uid_map)
+    found = namespace_problem(str(tmp_path))
+    assert found is None if problem is None else problem in found
+    assert "cannot read" in namespace_problem(str(tmp_path / "missing"))
