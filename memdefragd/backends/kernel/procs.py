@@ -54,9 +54,10 @@ class ProcDir:
             with translate_errors(self.pid, name):
                 return os.readlink(name, dir_fd=self.fd)
         except AccessDenied:
-            return None
+            return None  # another user's process without CAP_SYS_PTRACE
         except OSError:
-            return None  # kernel threads and some zombies have no exe
+            return None
+        # ProcessGone (ENOENT: exited, or a zombie, whose exe link is gone) propagates.
 
     def info(self) -> ProcessInfo:
         stat = procfs.parse_stat(self.read_text("stat"))
