@@ -93,10 +93,10 @@ class SchedulerSettings:
       sensitive targets get a smaller chunk in `chunk_by_target`.
     - cooldown = 0 s: the budgets already pace the work; a per-target rest (for example in
       `cooldown_by_target`) gives a target whose mmap lock we keep taking time to breathe.
-    - backoff_initial = 5 s, doubling up to backoff_max = 600 s: longer than a normal cycle
-      step so a failing target really rests, short enough that a one-off EAGAIN (a page
-      locked for I/O) costs little; doubling passes khugepaged's 60 s alloc_sleep after four
-      failures in a row, and ten minutes bounds how long a recovered target waits.
+    - backoff_initial = 5 s, doubling up to backoff_max = 600 s: hundreds of requests'
+      worth of rest, so a failing target really stops, yet a one-off EAGAIN (a page locked
+      for I/O) costs little; the fifth failure in a row waits 80 s, past khugepaged's 60 s
+      alloc_sleep, and ten minutes bounds how long a recovered target waits.
     - psi_some_avg10 = 10 %: at least one task stalled on memory a tenth of the time means
       memory is the bottleneck; our allocations would make it worse.
     - min_available_bytes = 1 GiB: each chunk may take 64 MiB of huge pages at once; a
