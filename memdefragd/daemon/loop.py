@@ -22,7 +22,7 @@ from ..backends.kernel.collapse import collapse
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_support
 from ..config import Config, load_config
-from ..model import PAGE_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
+from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
 from ..report import ProcessReport, scan_process
 from .discovery import Discovery, ProcEvents, Tracked
 from .logs import once
@@ -133,6 +133,9 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._dirty: set[int] = set()  # pids to scan before the next cycle
+        # Regions already sent to the kernel since each pid's last scan: a plan made from
+        # that scan must not send them again (its figures predate the work).
+        self._tried: dict[int, set[int]] = {}
         interval = watchdog_interval()
         self.watchdog = Watchdog(interval) if interval else None
 
@@ -270,6 +273,7 @@ class Daemon:
         self.stats.scan_seconds += time.perf_counter() - t0
         self.stats.pages_scanned += rep.totals.present_pages
         self.reports[tracked.proc.pid] = rep
+        self._tried.pop(tracked.proc.pid, None)
 
     def candidates(self) -> list[Candidate]:
         out = []
@@ -280,11 +284,15 @@ class Daemon:
             target = tracked.target
             if self.dry_run:
                 target = replace(target, mode="observe")
-            out.extend(
-                Candidate.from_metrics(target, pid, tracked.proc.start_time, v.vma, v.metrics)
-                for v in rep.vmas
-                if v.metrics.collapsible_vpns is not None and v.metrics.collapsible_vpns.size
-            )
+            tried = self._tried.get(pid)
+            for v in rep.vmas:
+                if v.metrics.collapsible_vpns is None or not v.metrics.collapsible_vpns.size:
+                    continue
+                c = Candidate.from_metrics(target, pid, tracked.proc.start_time, v.vma, v.metrics)
+                if tried:
+                    fresh = ~np.isin(c.regions, np.fromiter(tried, np.uint64, len(tried)))
+                    c = replace(c, regions=c.regions[fresh], present=c.present[fresh])
+                out.append(c)
         return out
 
     def update_pressure(self, state=None) -> None:
@@ -320,6 +328,8 @@ class Daemon:
         method = self.method_for(tracked.target.name)
         req = replace(req, method=method)
         outcome = collapse(tracked.handle, req, should_stop=self._stop.is_set)
+        sent = [a for lo, hi in req.ranges for a in range(lo, hi, PMD_SIZE)]
+        self._tried.setdefault(req.pid, set()).update(sent[: outcome.bytes_attempted // PMD_SIZE])
         verified = self.verify(tracked, req) if outcome.bytes_done else 0
         self.scheduler.record(outcome, self.clock())
         self.stats.record(outcome, verified)
@@ -364,6 +374,7 @@ class Daemon:
 
     def forget(self, pid: int) -> None:
         self.reports.pop(pid, None)
+        self._tried.pop(pid, None)
         self.scheduler.forget(pid)
 
     def status_line(self) -> str:

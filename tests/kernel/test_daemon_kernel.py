@@ -292,3 +292,30 @@ def test_without_cap_sys_nice_refusal_is_logged_once(spawn, daemons, tmp_path):
     assert text.count("not allowed to collapse pid") == 1, text
     assert "Traceback" not in text
     assert anon_huge(child.pid, child.addr) == 0
+
+
+def test_new_target_mid_cycle_does_not_resend_done_regions(spawn, daemons, tmp_path):
+    a = spawn(256 * MiB, comm="mdd-twice")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-twice")
+    cfg.write_text(
+        cfg.read_text()
+        .replace("bytes_per_second: 8GiB", "bytes_per_second: 64MiB")
+        .replace("scan_interval: 1s", "scan_interval: 3s")
+    )
+    d = daemons(cfg)
+    d.wait_for(f"collapse pid {a.pid}")
+    # B's exec makes the daemon scan B at once and plan again from A's older scan (B itself
+    # is still faulting its memory in then; the next full scan, 3 s on, sees all of it).
+    b = spawn(64 * MiB, comm="mdd-twice")
+    end = time.monotonic() + 60
+    while time.monotonic() < end and (
+        anon_huge(a.pid, a.addr) < a.size or anon_huge(b.pid, b.addr) < b.size
+    ):
+        assert d.proc.poll() is None, d.text()
+        time.sleep(0.2)
+    assert anon_huge(a.pid, a.addr) == a.size and anon_huge(b.pid, b.addr) == b.size, d.text()
+    sent_a = sum(
+        int(m[1]) for m in re.finditer(rf"collapse pid {a.pid} .*?: (\d+) MiB attempted", d.text())
+    )
+    # Its 256 MiB mapping plus at most a few MiB of interpreter heap; never twice over.
+    assert 256 <= sent_a < 256 + 32, d.text()
