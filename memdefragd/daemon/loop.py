@@ -18,14 +18,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..backends.kernel import KernelBackend
-from ..backends.kernel.collapse import collapse
+from ..backends.kernel.collapse import collapse, process_madvise_nr
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_support
 from ..config import Config, load_config
 from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
 from ..report import ProcessReport, scan_process
 from .discovery import Discovery, ProcEvents, Tracked
-from .logs import once
+from .logs import once as log_once
 from .scheduler import Candidate, Scheduler, SchedulerSettings
 from .systemd import Notifier, Watchdog, watchdog_interval
 
@@ -51,6 +51,7 @@ class Stats:
     failures: Counter[str] = field(default_factory=Counter)  # by reason
     races: Counter[str] = field(default_factory=Counter)  # exited, access_denied...
     reloads: Counter[str] = field(default_factory=Counter)  # ok, failed
+    errors: Counter[str] = field(default_factory=Counter)  # unexpected, by exception type
     outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
 
     def record(self, outcome: Outcome, verified: int) -> None:
@@ -89,6 +90,10 @@ def check_methods(config: Config) -> None:
     }
     if "ranger" in methods:
         raise SystemExit(f"memdefragd: {ranger_refusal(config.daemon.ranger_syscall)}")
+    try:
+        process_madvise_nr()
+    except NotImplementedError as e:
+        raise SystemExit(f"memdefragd: {e}") from None
 
 
 def ranger_refusal(syscall_nr: int | None) -> str:
@@ -136,6 +141,7 @@ class Daemon:
         # Regions already sent to the kernel since each pid's last scan: a plan made from
         # that scan must not send them again (its figures predate the work).
         self._tried: dict[int, set[int]] = {}
+        self._next_scan = 0.0
         interval = watchdog_interval()
         self.watchdog = Watchdog(interval) if interval else None
 
@@ -163,24 +169,19 @@ class Daemon:
                 self.backend.name, self.config.daemon.method, len(self.config.targets),
                 self.config.path, self.config.sha256[:12],
             )  # fmt: skip
-            next_scan = self.clock()
+            self._next_scan = self.clock()
             while not self.stopping:
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self.reload()
-                now = self.clock()
-                if now >= next_scan or self._dirty:
-                    full = now >= next_scan
-                    self.scan_cycle(full=full)
-                    if full:
-                        next_scan = now + self.config.daemon.scan_interval
-                    if once:
-                        self.drain()
+                try:
+                    if self.step(once=once):
                         break
-                if self.clock() - self._last_pressure >= PRESSURE_EVERY:
-                    self.update_pressure()
-                if not self.work_once():
-                    self.wait(min(WAIT_STEP, max(0.0, next_scan - self.clock())))
+                except Exception as e:  # a bug or an unforeseen kernel answer: keep serving
+                    self.stats.errors[type(e).__name__] += 1
+                    if once:
+                        raise
+                    log_once(log, ("error", type(e).__name__), logging.ERROR,
+                             "unexpected error, carrying on (logged once per kind)",
+                             exc_info=True)  # fmt: skip
+                    self.wait(WAIT_STEP)
                 self.ping()
         finally:
             self.notifier.stopping()
@@ -190,6 +191,26 @@ class Daemon:
                 self.events.stop()
             self.backend.close()
         return 0
+
+    def step(self, *, once: bool = False) -> bool:
+        """One turn of the loop; True when a --once run is complete."""
+        if self._reload.is_set():
+            self._reload.clear()
+            self.reload()
+        now = self.clock()
+        if now >= self._next_scan or self._dirty:
+            full = now >= self._next_scan
+            self.scan_cycle(full=full)
+            if full:
+                self._next_scan = now + self.config.daemon.scan_interval
+            if once:
+                self.drain()
+                return True
+        if self.clock() - self._last_pressure >= PRESSURE_EVERY:
+            self.update_pressure()
+        if not self.work_once():
+            self.wait(min(WAIT_STEP, max(0.0, self._next_scan - self.clock())))
+        return False
 
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout`, waking early for process events (which may add targets)."""
@@ -265,7 +286,7 @@ class Daemon:
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
             self.stats.races[kind] += 1
-            once(log, (kind, tracked.proc.pid), logging.INFO, "skipping pid %d (%s): %s",
+            log_once(log, (kind, tracked.proc.pid), logging.INFO, "skipping pid %d (%s): %s",
                  tracked.proc.pid, tracked.proc.comm, e)  # fmt: skip
             self.forget(tracked.proc.pid)
             return
@@ -365,7 +386,7 @@ class Daemon:
             self.stats.races["exited"] += 1
             self.forget(req.pid)
         elif outcome.stopped == "EPERM":
-            once(log, ("EPERM", req.pid), logging.WARNING,
+            log_once(log, ("EPERM", req.pid), logging.WARNING,
                  "not allowed to collapse pid %d: memdefragd needs CAP_SYS_NICE and ptrace "
                  "access to it (run as root)", req.pid)  # fmt: skip
         elif outcome.stopped == "ENOMEM" and self.config.daemon.compaction:

@@ -1,0 +1,86 @@
+"""The daemon loop over a stand-in backend: it keeps serving through unexpected errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import MappingProxyType
+
+from memdefragd.config import parse_config
+from memdefragd.daemon.loop import Daemon
+from memdefragd.model import MemoryState, PfnVisibility, ZoneFree
+
+
+class FlakyBackend:
+    """No processes; memory_state fails the first `failures` times it is asked."""
+
+    name = "stand-in"
+
+    def __init__(self, failures: int = 1):
+        self.failures = failures
+        self.closed = False
+
+    def list_processes(self):
+        return []
+
+    def memory_state(self) -> MemoryState:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("buddyinfo went away")
+        return MemoryState(
+            zones=(ZoneFree(0, "Normal", (1,) * 11),),
+            pagetype_free=None,
+            vmstat=MappingProxyType({}),
+            thp=MappingProxyType({}),
+            khugepaged=MappingProxyType({}),
+            pressure_some=None,
+            pressure_full=None,
+        )
+
+    def pfn_visibility(self) -> PfnVisibility:
+        return PfnVisibility(True)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Sink:
+    """A Notifier that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self.sent.append(name)
+
+
+def test_unexpected_error_is_counted_and_the_loop_goes_on():
+    cfg = parse_config("daemon: {scan_interval: 0.2s}\ntargets:\n  - name: t\n")
+    backend, sink = FlakyBackend(failures=1), Sink()
+    d = Daemon(cfg, backend=backend, notifier=sink, events=False)
+    t = threading.Thread(target=d.run)
+    t.start()
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end and d.stats.cycles < 2:
+            time.sleep(0.05)
+    finally:
+        d.request_stop()
+        t.join(10)
+    assert not t.is_alive()
+    assert d.stats.errors == {"RuntimeError": 1}
+    assert d.stats.cycles >= 2  # cycles after the error completed
+    assert sink.sent[0] == "ready" and sink.sent[-1] == "stopping"
+    assert backend.closed
+
+
+def test_once_run_raises_what_it_hits():
+    """--once is a command, not a service: an error must reach the caller, not vanish."""
+    cfg = parse_config("targets:\n  - name: t\n")
+    d = Daemon(cfg, backend=FlakyBackend(failures=1), notifier=Sink(), events=False)
+    try:
+        d.run(once=True)
+    except RuntimeError as e:
+        assert "buddyinfo went away" in str(e)
+    else:
+        raise AssertionError("the error was swallowed")
