@@ -20,6 +20,7 @@ length -> count), which is all that coverage@K and runs_for(p) need and which st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -128,8 +129,7 @@ def contiguity_from_histogram(
         return before_pages + (k - before_runs) * int(v[i])
 
     def fewest_runs(p: float) -> int:
-        # p as the decimal the user wrote (0.07, not 0.07000000000000000666), exactly.
-        target = Fraction(str(p)) * total
+        target = _decimal(p) * total
         i = min(int(np.searchsorted(cum_pages, float(target), side="left")), v.size - 1)
         while i and cum_pages[i - 1] >= target:  # the float search may overshoot by one
             i -= 1
@@ -147,6 +147,12 @@ def contiguity_from_histogram(
         coverage={k: pages_in_top(k) / total for k in ks},
         runs_for={p: fewest_runs(p) for p in ps},
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _decimal(p: float) -> Fraction:
+    """p as the decimal the user wrote (0.07, not 0.07000000000000000666), exactly."""
+    return Fraction(str(p))
 
 
 def aligned_bounds(start_vpn: int, end_vpn: int, pmd_pages: int = PMD_PAGES) -> tuple[int, int]:
@@ -169,8 +175,10 @@ class VmaAccumulator:
         collapse_eligible: bool = True,
         pmd_pages: int = PMD_PAGES,
         collect: bool = False,
+        runs: bool = True,
     ):
         self.first, self.last = aligned_bounds(start_vpn, end_vpn, pmd_pages)
+        self.runs = runs  # False: skip contiguity (the scheduler needs only the regions)
         self.collect = collect
         self.found_vpns: list[np.ndarray] = []
         self.found_present: list[np.ndarray] = []
@@ -188,7 +196,7 @@ class VmaAccumulator:
         self.present += n
         self.thp += int(np.count_nonzero(thp))
         self.pfn_known &= layout.pfn_known
-        starts = _run_starts(vpn, pfn) if (self.pfn_known and n) else None
+        starts = _run_starts(vpn, pfn) if (self.runs and self.pfn_known and n) else None
         self._regions(layout, starts)
         if starts is not None:
             self._runs(vpn, pfn, starts)
@@ -240,7 +248,7 @@ class VmaAccumulator:
         self, ks: Sequence[int] = DEFAULT_KS, ps: Sequence[float] = DEFAULT_PS
     ) -> VmaMetrics:
         hist = cont = aligned = None
-        if self.pfn_known:
+        if self.pfn_known and self.runs:
             if self.pending is not None:
                 self.hists.append((np.array([self.pending[2]]), np.ones(1, np.int64)))
                 self.pending = None

@@ -15,7 +15,8 @@ _VMA_HEADER = re.compile(
     r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+)\s+(?P<perms>\S{4})\s+(?P<offset>[0-9a-f]+)\s+"
     r"(?P<dev>[0-9a-f]+:[0-9a-f]+)\s+(?P<inode>\d+)(?:[ \t]+(?P<path>.*))?$"
 )
-_FIELD = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*):\s*(?P<value>.*)$")
+_FIELD_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_HEX = frozenset("0123456789abcdef")
 
 
 class ParseError(ValueError):
@@ -49,15 +50,19 @@ def parse_smaps(text: str) -> list[Vma]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        m = _VMA_HEADER.match(line)
-        if m:
+        # Field names start with a capital letter, headers with a hex digit: only headers
+        # need the regex (smaps has some twenty field lines per VMA).
+        if line[0] in _HEX:
+            m = _VMA_HEADER.match(line)
+            if m is None:
+                raise ParseError(f"smaps line {lineno}: unexpected text {line[:80]!r}")
             flush()
             header, fields, vmflags = m, {}, None
             continue
-        f = _FIELD.match(line)
-        if f is None or header is None:
+        key, colon, value = line.partition(":")
+        if not colon or header is None or not _FIELD_KEY.match(key):
             raise ParseError(f"smaps line {lineno}: unexpected text {line[:80]!r}")
-        key, value = f["key"], f["value"].strip()
+        value = value.strip()
         if key == "VmFlags":
             vmflags = frozenset(value.split())
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import buddy
@@ -75,6 +75,8 @@ def scan_process(
     target: str | None = None,
     detail: bool = True,
     collect: bool = False,
+    runs: bool = True,
+    only: Callable[[Vma], bool] | None = None,
     max_ptes_none: int = PMD_PAGES - 1,
     ks: Sequence[int] = DEFAULT_KS,
     ps: Sequence[float] = DEFAULT_PS,
@@ -83,10 +85,13 @@ def scan_process(
 
     With `detail`, VMAs come from smaps and those with nothing resident are not read;
     without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply. With
-    `collect`, each VMA's metrics list its collapsible regions (for the scheduler).
+    `collect`, each VMA's metrics list its collapsible regions (for the scheduler);
+    `runs=False` skips the contiguity figures; `only` picks the VMAs worth reading.
     """
     vmas = backend.list_vmas(proc, detail=detail)
     wanted = [v for v in vmas if v.rss > 0] if detail else vmas
+    if only is not None:
+        wanted = [v for v in wanted if only(v)]
     visible = backend.pfn_visibility().visible
     accs = [
         VmaAccumulator(
@@ -96,6 +101,7 @@ def scan_process(
             max_ptes_none=max_ptes_none,
             collapse_eligible=v.collapse_eligible,
             collect=collect,
+            runs=runs,
         )
         for v in wanted
     ]

@@ -36,5 +36,8 @@ class Backend(Protocol):
     def memory_state(self) -> MemoryState:
         """Free blocks, THP knobs and counters, pressure."""
 
+    def pressure_state(self) -> MemoryState:
+        """Only pressure and meminfo, cheaply: what the daemon's pause guard reads often."""
+
     def pfn_visibility(self) -> PfnVisibility:
         """Whether layouts carry real frame numbers, and why not if they don't."""

@@ -65,6 +65,15 @@ class Stats:
         self.outcomes = [*self.outcomes[-99:], (outcome, verified)]
 
 
+def worth_collapsing(vma: Vma) -> bool:
+    """The VMAs the daemon works on: private anonymous memory (heaps, arenas, stacks).
+
+    File-backed text could be collapsed too (CONFIG_READ_ONLY_THP_FOR_FS), but it is small
+    next to heaps and its pages are shared; leaving it out also keeps idle scans cheap.
+    """
+    return vma.anonymous and vma.perms[1] == "w" and vma.perms[3] == "p" and (vma.collapse_eligible)
+
+
 def scheduler_settings(config: Config) -> SchedulerSettings:
     d = config.daemon
     return SchedulerSettings(
@@ -206,8 +215,8 @@ class Daemon:
             if once:
                 self.drain()
                 return True
-        if self.clock() - self._last_pressure >= PRESSURE_EVERY:
-            self.update_pressure()
+        if self.scheduler.queue_length and self.clock() - self._last_pressure >= PRESSURE_EVERY:
+            self.update_pressure(self.backend.pressure_state())
         if not self.work_once():
             self.wait(min(WAIT_STEP, max(0.0, self._next_scan - self.clock())))
         return False
@@ -281,7 +290,7 @@ class Daemon:
         try:
             rep = scan_process(
                 self.backend, tracked.proc, target=tracked.target.name, collect=True,
-                max_ptes_none=max_ptes_none,
+                runs=False, only=worth_collapsing, max_ptes_none=max_ptes_none,
             )  # fmt: skip
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"

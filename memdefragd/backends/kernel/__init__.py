@@ -147,6 +147,23 @@ class KernelBackend:
             meminfo=MappingProxyType(procfs.parse_meminfo((p / "meminfo").read_text())),
         )
 
+    def pressure_state(self) -> MemoryState:
+        """Only what the pressure guard reads (PSI and meminfo): cheap enough for every
+        second, unlike memory_state, whose pagetypeinfo walks the free lists."""
+        p = Path(self.proc_root)
+        pressure = _read_optional(p / "pressure/memory")
+        psi = procfs.parse_pressure(pressure) if pressure is not None else {}
+        return MemoryState(
+            zones=(),
+            pagetype_free=None,
+            vmstat=MappingProxyType({}),
+            thp=MappingProxyType({}),
+            khugepaged=MappingProxyType({}),
+            pressure_some=psi.get("some"),
+            pressure_full=psi.get("full"),
+            meminfo=MappingProxyType(procfs.parse_meminfo((p / "meminfo").read_text())),
+        )
+
     def _kpageflags(self) -> int | None:
         if not self._kpf_tried:
             self._kpf_tried = True
