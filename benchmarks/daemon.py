@@ -325,6 +325,7 @@ class Daemon:
                 f"  scan_interval: {self.scan_interval:g}s\n"
                 "  budget:\n    bytes_per_second: 8GiB\n    cpu_share: 1.0\n"
                 "  pressure:\n    psi_some_avg10: 100\n    min_available: 0\n"
+                "  metrics:\n    listen: 127.0.0.1:0\n"
                 "targets:\n  - name: bench\n    match:\n"
                 f"      comm: {json.dumps(self.comm_regex)}\n"
             )

@@ -29,10 +29,11 @@ TARGET_KEYS = ("name", "match", "exclude", "min_rss", "mode", "priority", "overr
 OVERRIDE_KEYS = ("method", "chunk", "cooldown")
 DAEMON_KEYS = (
     "backend", "method", "scan_interval", "budget", "chunk", "cooldown", "backoff",
-    "pressure", "compaction", "ranger",
+    "pressure", "compaction", "ranger", "metrics",
 )  # fmt: skip
 TOP_KEYS = ("daemon", "targets")
 PMD = 2 << 20
+DEFAULT_METRICS_PORT = 9847
 
 
 class ConfigError(Exception):
@@ -68,6 +69,7 @@ class DaemonSettings:
     compaction: bool = False  # ask the kernel to compact when collapses lack free 2 MiB blocks
     compaction_interval: float = 60.0  # at most once per this many seconds per node
     ranger_syscall: int | None = None  # scan_process_memory's number on a patched kernel
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", DEFAULT_METRICS_PORT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +259,36 @@ class _Validator:
                 sub = self.mapping(v, k, ("syscall",)) or {}
                 if "syscall" in sub and self.scalar(sub["syscall"][1]) is not None:
                     kw["ranger_syscall"] = self.integer(sub["syscall"][1], f"{k}.syscall")
-        settings = replace(DaemonSettings(), **{k: x for k, x in kw.items() if x is not None})
+        if "metrics" in keys:
+            sub = self.mapping(keys["metrics"][1], "daemon.metrics", ("listen",)) or {}
+            if "listen" in sub:
+                kw["metrics_listen"] = self.listen(sub["listen"][1], "daemon.metrics.listen")
+        off = kw.get("metrics_listen") == "off"
+        settings = replace(
+            DaemonSettings(),
+            **{
+                k: x for k, x in kw.items() if x is not None and not (k == "metrics_listen" and off)
+            },
+        )
+        if off:
+            settings = replace(settings, metrics_listen=None)
         if settings.backoff_max < settings.backoff_initial:
             self.error(node, "daemon.backoff", "max must not be below initial")
         return settings
+
+    def listen(self, node: yaml.Node, key: str) -> tuple[str, int] | str | None:
+        """HOST:PORT, or off (or false) for no endpoint."""
+        value = self.scalar(node)
+        if value is False or value in ("off", None):
+            return "off"
+        host, _, port = str(value).rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            self.error(
+                node, key, f"expected HOST:PORT such as 127.0.0.1:9847 (port 0: any free "
+                f"port), or off, got {value!r}",
+            )  # fmt: skip
+            return None
+        return host.strip("[]"), int(port)
 
     def choice(self, node: yaml.Node, key: str, allowed: tuple[str, ...]) -> str | None:
         value = self.scalar(node)

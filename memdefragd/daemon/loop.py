@@ -22,7 +22,18 @@ from ..backends.kernel.collapse import collapse, process_madvise_nr
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_support
 from ..config import Config, load_config
-from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request, Vma
+from ..exporter import REQUEST_BUCKETS, SCAN_BUCKETS, Histogram, Snapshot, serve, target_figures
+from ..layout import merge_histograms
+from ..model import (
+    PAGE_SIZE,
+    PMD_SIZE,
+    AccessDenied,
+    MemoryState,
+    Outcome,
+    ProcessGone,
+    Request,
+    Vma,
+)
 from ..report import ProcessReport, scan_process
 from .discovery import Discovery, ProcEvents, Tracked
 from .logs import once as log_once
@@ -52,6 +63,8 @@ class Stats:
     races: Counter[str] = field(default_factory=Counter)  # exited, access_denied...
     reloads: Counter[str] = field(default_factory=Counter)  # ok, failed
     errors: Counter[str] = field(default_factory=Counter)  # unexpected, by exception type
+    request_seconds: dict[str, Histogram] = field(default_factory=dict)  # by method
+    scan_hist: Histogram = field(default_factory=lambda: Histogram(SCAN_BUCKETS))
     outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
 
     def record(self, outcome: Outcome, verified: int) -> None:
@@ -62,6 +75,8 @@ class Stats:
         self.bytes_done[method] += outcome.bytes_done
         self.bytes_verified[method] += verified
         self.failures.update(outcome.failures)
+        hist = self.request_seconds.setdefault(method, Histogram(REQUEST_BUCKETS))
+        hist.observe(outcome.duration)
         self.outcomes = [*self.outcomes[-99:], (outcome, verified)]
 
 
@@ -151,6 +166,9 @@ class Daemon:
         # that scan must not send them again (its figures predate the work).
         self._tried: dict[int, set[int]] = {}
         self._next_scan = 0.0
+        self.memory: MemoryState | None = None
+        self.published: Snapshot | None = None
+        self._http = None
         interval = watchdog_interval()
         self.watchdog = Watchdog(interval) if interval else None
 
@@ -170,6 +188,17 @@ class Daemon:
     def run(self, *, once: bool = False) -> int:
         if self.events is not None:
             self.events.start()
+        listen = self.config.daemon.metrics_listen
+        if listen and not once:
+            host, port = listen
+            try:
+                self._http = serve(host, port, lambda: self.published)
+            except OSError as e:
+                raise SystemExit(
+                    f"memdefragd: cannot serve metrics on {host}:{port}: {e.strerror}; "
+                    f"change or turn off daemon.metrics.listen in {self.config.path}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", host, self._http[0].server_port)
         try:
             self.discovery.rescan()
             self.notifier.ready(self.status_line())
@@ -198,6 +227,9 @@ class Daemon:
             self.discovery.close()
             if self.events is not None:
                 self.events.stop()
+            if self._http is not None:
+                self._http[0].shutdown()
+                self._http[0].server_close()
             self.backend.close()
         return 0
 
@@ -265,7 +297,7 @@ class Daemon:
         else:
             pids = [p for p in self._dirty if p in self.discovery.tracked]
         self._dirty.clear()
-        state = self.backend.memory_state()
+        state = self.memory = self.backend.memory_state()
         for pid in pids:
             tracked = self.discovery.tracked.get(pid)
             if tracked is not None:
@@ -284,13 +316,14 @@ class Daemon:
             f", paused: {self.paused}" if self.paused else "",
         )  # fmt: skip
         self.notifier.status(self.status_line())
+        self.publish()
 
     def scan_one(self, tracked: Tracked, max_ptes_none: int) -> None:
         t0 = time.perf_counter()
         try:
             rep = scan_process(
                 self.backend, tracked.proc, target=tracked.target.name, collect=True,
-                runs=False, only=worth_collapsing, max_ptes_none=max_ptes_none,
+                only=worth_collapsing, max_ptes_none=max_ptes_none,
             )  # fmt: skip
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
@@ -299,8 +332,10 @@ class Daemon:
                  tracked.proc.pid, tracked.proc.comm, e)  # fmt: skip
             self.forget(tracked.proc.pid)
             return
+        took = time.perf_counter() - t0
         self.stats.scans += 1
-        self.stats.scan_seconds += time.perf_counter() - t0
+        self.stats.scan_seconds += took
+        self.stats.scan_hist.observe(took)
         self.stats.pages_scanned += rep.totals.present_pages
         self.reports[tracked.proc.pid] = rep
         self._tried.pop(tracked.proc.pid, None)
@@ -364,6 +399,7 @@ class Daemon:
         self.scheduler.record(outcome, self.clock())
         self.stats.record(outcome, verified)
         self.after(outcome, verified, tracked)
+        self.publish()
         return True
 
     def method_for(self, target: str) -> str:
@@ -401,6 +437,49 @@ class Daemon:
         elif outcome.stopped == "ENOMEM" and self.config.daemon.compaction:
             for node in self.compactor.maybe_compact():
                 log.info("asked the kernel to compact node %d (no free 2 MiB block)", node)
+
+    def publish(self) -> None:
+        """Hand scrapes a consistent copy (one reference assignment: atomic for them)."""
+        self.published = self.snapshot()
+
+    def snapshot(self) -> Snapshot:
+        s, sched = self.stats, self.scheduler.snapshot(self.clock())
+        reports = []
+        for pid, rep in self.reports.items():
+            tracked = self.discovery.tracked.get(pid)
+            if tracked is None:
+                continue
+            hists = [v.metrics.run_hist for v in rep.vmas]
+            hist = merge_histograms(hists) if all(h is not None for h in hists) else None
+            reports.append((tracked.target.name, rep.totals, hist))
+        memory = self.memory
+        return Snapshot(
+            time=time.time(),
+            config_sha256=self.config.sha256,
+            targets=target_figures(reports),
+            requests=dict(s.requests),
+            bytes_attempted=dict(s.bytes_attempted),
+            bytes_done=dict(s.bytes_done),
+            bytes_verified=dict(s.bytes_verified),
+            failures=dict(s.failures),
+            races=dict(s.races),
+            errors=dict(s.errors),
+            reloads=dict(s.reloads),
+            request_seconds={m: h.copy() for m, h in s.request_seconds.items()},
+            scan_seconds=s.scan_hist.copy(),
+            pages_scanned=s.pages_scanned,
+            scans=s.scans,
+            last_cycle=s.last_cycle,
+            paused=self.paused,
+            pressure_some_avg10=(
+                memory.pressure_some.avg10 if memory and memory.pressure_some else None
+            ),
+            budget_tokens=sched.tokens,
+            cpu_used=sched.cpu_used,
+            cpu_limit=sched.cpu_limit,
+            queue_bytes=sched.queue_bytes,
+            memory=memory,
+        )
 
     def forget(self, pid: int) -> None:
         self.reports.pop(pid, None)

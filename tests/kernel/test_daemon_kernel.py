@@ -33,7 +33,7 @@ def anon_huge(pid: int, addr: int) -> int:
     raise AssertionError(f"no VMA at 0x{addr:x}")
 
 
-def write_config(path: Path, comm: str, extra: str = "") -> Path:
+def write_config(path: Path, comm: str, extra: str = "", listen: str = "off") -> Path:
     path.write_text(
         textwrap.dedent(
             f"""
@@ -41,6 +41,7 @@ def write_config(path: Path, comm: str, extra: str = "") -> Path:
               scan_interval: 1s
               budget: {{bytes_per_second: 8GiB, cpu_share: 1.0}}
               pressure: {{psi_some_avg10: 100, min_available: 0}}
+              metrics: {{listen: "{listen}"}}
             {extra}
             targets:
               - name: testee
@@ -319,3 +320,53 @@ def test_new_target_mid_cycle_does_not_resend_done_regions(spawn, daemons, tmp_p
     )
     # Its 256 MiB mapping plus at most a few MiB of interpreter heap; never twice over.
     assert 256 <= sent_a < 256 + 32, d.text()
+
+
+def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    child = spawn(64 * MiB, comm="mdd-metrics")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-metrics", listen="127.0.0.1:0")
+    d = daemons(cfg)
+    port = int(
+        re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", d.wait_for("metrics on"))[1]
+    )
+    end = time.monotonic() + 30
+    while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
+        time.sleep(0.2)
+    d.wait_for("scanned 1 process(es): 0 MiB queued")  # a scan after the work: figures settle
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+
+    def get(name, **labels):
+        return samples[name, tuple(sorted(labels.items()))]
+
+    log = d.text()
+    verified = sum(int(m) for m in re.findall(r"collapse pid \d+ .*?(\d+) MiB verified", log))
+    requests = len(re.findall(r"collapse pid \d+ ", log))
+    assert verified >= 64
+    assert get("memdefragd_verified_bytes_total", method="collapse") == verified * MiB
+    assert get("memdefragd_done_bytes_total", method="collapse") >= 64 * MiB
+    assert sum(v for (n, _), v in samples.items() if n == "memdefragd_requests_total") == requests
+    assert get("memdefragd_request_duration_seconds_count", method="collapse") == requests
+    assert get("memdefragd_target_processes", target="testee") == 1
+    assert get("memdefragd_target_thp_bytes", target="testee") >= 64 * MiB
+    assert get("memdefragd_target_collapsible_bytes", target="testee") == 0
+    assert 0 < get("memdefragd_target_contiguity_coverage_ratio", target="testee", k="32") <= 1
+    assert get("memdefragd_paused", reason="") == 0
+    zones = [line.split()[3] for line in Path("/proc/buddyinfo").read_text().splitlines()]
+    for zone in zones:
+        assert (
+            "memdefragd_free_blocks",
+            (("node", "0"), ("order", "9"), ("zone", zone)),
+        ) in samples
+    for c in ("targets", "work", "state", "system"):
+        assert get("memdefragd_collector_success", collector=c) == 1
+    (info,) = [dict(lb) for n, lb in samples if n == "memdefragd_config_info"]
+    assert info["sha256"].startswith(re.search(r"sha256 ([0-9a-f]+)", log)[1])
+    assert not any("pid" in dict(labels) for _, labels in samples)  # no pid labels, ever

@@ -1,0 +1,329 @@
+"""Prometheus exposition of what the daemon saw and did.
+
+The daemon publishes an immutable `Snapshot` at safe points (after each scan cycle and
+each request); scrapes read the latest one, so a scrape never triggers work or sees a
+half-updated state. Each family comes from one collector function; a collector that fails
+is reported through `memdefragd_collector_success{collector}` instead of failing the scrape.
+
+Labels are bounded: target names from the config, methods, errno names, node/zone/order
+as node_exporter spells them. No pid labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__, buddy
+from .layout import Rollup, contiguity_from_histogram, merge_histograms
+from .model import PAGE_SIZE, PMD_SIZE, MemoryState
+
+log = logging.getLogger("memdefragd")
+
+NS = "memdefragd"
+KS = (32, 128)
+
+
+@dataclass
+class Histogram:
+    """Fixed buckets, cumulative on output; seconds."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for b, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append(("+Inf" if b == float("inf") else repr(b), acc))
+        return out
+
+    def copy(self) -> Histogram:
+        return Histogram(self.buckets, list(self.counts), self.total)
+
+
+REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SCAN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+
+@dataclass(frozen=True)
+class TargetFigures:
+    processes: int
+    totals: Rollup
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a scrape shows, copied out of the daemon at one instant."""
+
+    time: float
+    config_sha256: str
+    targets: Mapping[str, TargetFigures]
+    requests: Mapping[tuple[str, str], int]
+    bytes_attempted: Mapping[str, int]
+    bytes_done: Mapping[str, int]
+    bytes_verified: Mapping[str, int]
+    failures: Mapping[str, int]
+    races: Mapping[str, int]
+    errors: Mapping[str, int]
+    reloads: Mapping[str, int]
+    request_seconds: Mapping[str, Histogram]
+    scan_seconds: Histogram
+    pages_scanned: int
+    scans: int
+    last_cycle: float
+    paused: str | None
+    pressure_some_avg10: float | None
+    budget_tokens: float
+    cpu_used: float
+    cpu_limit: float
+    queue_bytes: int
+    memory: MemoryState | None
+
+
+def target_figures(reports: Iterable[tuple[str, Rollup, object]]) -> dict[str, TargetFigures]:
+    """Per target name: processes and totals over their VMAs (contiguity merged)."""
+    groups: dict[str, list] = {}
+    for name, totals, hist in reports:
+        groups.setdefault(name, []).append((totals, hist))
+    out = {}
+    for name, items in groups.items():
+        hists = [h for _, h in items if h is not None]
+        known = len(hists) == len(items)
+        cont = contiguity_from_histogram(merge_histograms(hists), KS) if known else None
+        ts = [t for t, _ in items]
+        out[name] = TargetFigures(
+            processes=len(items),
+            totals=Rollup(
+                vmas=sum(t.vmas for t in ts),
+                present_pages=sum(t.present_pages for t in ts),
+                thp_pages=sum(t.thp_pages for t in ts),
+                aligned_regions=sum(t.aligned_regions for t in ts),
+                thp_regions=sum(t.thp_regions for t in ts),
+                collapsible_regions=sum(t.collapsible_regions for t in ts),
+                aligned_contiguous_regions=None,
+                contiguity=cont,
+            ),
+        )
+    return out
+
+
+def pause_reason_label(reason: str | None) -> str:
+    """A bounded label value for a free-text pause reason."""
+    if not reason:
+        return ""
+    low = reason.lower()
+    if "psi" in low or "pressure" in low:
+        return "pressure"
+    if "available" in low:
+        return "low_memory"
+    return "other"
+
+
+# ---------------------------------------------------------------- collectors
+
+
+def _targets(s: Snapshot) -> Iterator[Metric]:
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ("target",)) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{NS}_target_{name}", doc, labels=list(labels))
+
+    procs = gauge("processes", "Processes the target matched at the last scan.")
+    present = gauge("present_bytes", "Resident bytes in the target's scanned VMAs.")
+    thp = gauge("thp_bytes", "Bytes mapped by PMD-size huge pages.")
+    cov = gauge("thp_coverage_ratio", "Huge 2 MiB regions over aligned regions.")
+    coll = gauge("collapsible_bytes", "Bytes of aligned regions that could be collapsed.")
+    runs = gauge("contiguity_runs", "Translation-contiguous runs (vpn and pfn both step by 1).")
+    covk = gauge(
+        "contiguity_coverage_ratio",
+        "Share of present pages inside the K largest runs (a K-entry range TLB).",
+        ("target", "k"),
+    )
+    for name, f in sorted(s.targets.items()):
+        t = f.totals
+        procs.add_metric([name], f.processes)
+        present.add_metric([name], t.present_pages * PAGE_SIZE)
+        thp.add_metric([name], t.thp_pages * PAGE_SIZE)
+        if t.thp_coverage is not None:
+            cov.add_metric([name], t.thp_coverage)
+        coll.add_metric([name], t.collapsible_regions * PMD_SIZE)
+        if t.contiguity is not None:
+            runs.add_metric([name], t.contiguity.runs)
+            for k in KS:
+                covk.add_metric([name, str(k)], t.contiguity.coverage[k])
+    yield from (procs, present, thp, cov, coll, runs, covk)
+
+
+def _work(s: Snapshot) -> Iterator[Metric]:
+    req = CounterMetricFamily(
+        f"{NS}_requests", "Defrag requests carried out, by method and result.",
+        labels=["method", "result"],
+    )  # fmt: skip
+    for (method, result), n in sorted(s.requests.items()):
+        req.add_metric([method, result], n)
+    yield req
+    for name, data, doc in (
+        ("attempted_bytes", s.bytes_attempted, "Bytes of regions sent to the kernel."),
+        ("done_bytes", s.bytes_done, "Bytes the kernel reported collapsed."),
+        ("verified_bytes", s.bytes_verified, "Bytes found huge by re-reading after a request."),
+    ):
+        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["method"])
+        for method, n in sorted(data.items()):
+            c.add_metric([method], n)
+        yield c
+    fail = CounterMetricFamily(
+        f"{NS}_failures", "2 MiB regions that failed, by reason (errno name).", labels=["reason"]
+    )
+    for reason, n in sorted(s.failures.items()):
+        fail.add_metric([reason], n)
+    yield fail
+    dur = HistogramMetricFamily(
+        f"{NS}_request_duration_seconds", "Time in the kernel per request.", labels=["method"]
+    )
+    for method, h in sorted(s.request_seconds.items()):
+        dur.add_metric([method], h.cumulative(), h.total)
+    yield dur
+    scan = HistogramMetricFamily(f"{NS}_scan_duration_seconds", "Time to scan one process.")
+    scan.add_metric([], s.scan_seconds.cumulative(), s.scan_seconds.total)
+    yield scan
+    yield CounterMetricFamily(
+        f"{NS}_scanned_pages", "Present pages scanned.", value=s.pages_scanned
+    )
+    for name, data, doc in (
+        ("races", s.races, "Processes that exited or refused access mid-work, by kind."),
+        ("errors", s.errors, "Unexpected errors the daemon carried on after, by type."),
+    ):
+        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["kind"])
+        for kind, n in sorted(data.items()):
+            c.add_metric([kind], n)
+        yield c
+
+
+def _state(s: Snapshot) -> Iterator[Metric]:
+    paused = GaugeMetricFamily(
+        f"{NS}_paused", "1 while work is paused, with the kind of reason.", labels=["reason"]
+    )
+    paused.add_metric([pause_reason_label(s.paused)], 1 if s.paused else 0)
+    yield paused
+    if s.pressure_some_avg10 is not None:
+        yield GaugeMetricFamily(
+            f"{NS}_memory_pressure_some_ratio",
+            "PSI memory 'some avg10' at the last reading, as a ratio.",
+            value=s.pressure_some_avg10 / 100,
+        )
+    yield GaugeMetricFamily(
+        f"{NS}_budget_available_bytes", "Bytes that may start now under the bytes/s budget.",
+        value=s.budget_tokens,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        f"{NS}_budget_cpu_used_ratio", "Kernel time used over the CPU budget's window.",
+        value=s.cpu_used / s.cpu_limit if s.cpu_limit else 0.0,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        f"{NS}_queued_bytes", "Bytes planned and not yet done.", value=s.queue_bytes
+    )
+    rel = CounterMetricFamily(
+        f"{NS}_config_reloads", "Config reloads, by result.", labels=["result"]
+    )
+    for result in ("ok", "failed"):
+        rel.add_metric([result], s.reloads.get(result, 0))
+    yield rel
+    info = GaugeMetricFamily(f"{NS}_config_info", "The loaded config.", labels=["sha256"])
+    info.add_metric([s.config_sha256], 1)
+    yield info
+    build = GaugeMetricFamily(f"{NS}_build_info", "memdefragd's version.", labels=["version"])
+    build.add_metric([__version__], 1)
+    yield build
+    yield GaugeMetricFamily(
+        f"{NS}_last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle.",
+        value=s.last_cycle,
+    )  # fmt: skip
+
+
+def _system(s: Snapshot) -> Iterator[Metric]:
+    if s.memory is None:
+        return
+    free = GaugeMetricFamily(
+        f"{NS}_free_blocks", "Free blocks per order (/proc/buddyinfo).",
+        labels=["node", "zone", "order"],
+    )  # fmt: skip
+    idx = GaugeMetricFamily(
+        f"{NS}_unusable_free_space_index_ratio",
+        "Share of free memory in blocks smaller than the order (Gorman's unusable index).",
+        labels=["node", "zone", "order"],
+    )
+    for z in s.memory.zones:
+        for order, (n, u) in enumerate(zip(z.free, buddy.unusable_index(z.free), strict=True)):
+            labels = [str(z.node), z.zone, str(order)]
+            free.add_metric(labels, n)
+            idx.add_metric(labels, float(u))
+    yield free
+    yield idx
+
+
+COLLECTORS: dict[str, Callable[[Snapshot], Iterator[Metric]]] = {
+    "targets": _targets,
+    "work": _work,
+    "state": _state,
+    "system": _system,
+}
+
+
+class SnapshotCollector(Collector):
+    """Yields the families of the latest snapshot; one failing part fails only itself."""
+
+    def __init__(self, source: Callable[[], Snapshot | None]):
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.source()
+        ok = GaugeMetricFamily(
+            f"{NS}_collector_success", "1 if the collector succeeded.", labels=["collector"]
+        )
+        took = GaugeMetricFamily(
+            f"{NS}_collector_duration_seconds", "Time the collector took.", labels=["collector"]
+        )
+        for name, fn in COLLECTORS.items():
+            t0 = time.perf_counter()
+            try:
+                families = list(fn(snap)) if snap is not None else []
+            except Exception:
+                log.exception("metrics collector %s failed", name)
+                families, success = [], 0
+            else:
+                success = 1
+            yield from families
+            ok.add_metric([name], success)
+            took.add_metric([name], time.perf_counter() - t0)
+        yield ok
+        yield took
+
+
+def serve(address: str, port: int, source: Callable[[], Snapshot | None]):
+    """Start the HTTP endpoint in a thread; returns (server, thread) for shutdown."""
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(source))
+    return start_http_server(port, addr=address, registry=registry)

@@ -1,0 +1,110 @@
+"""Exposition from a snapshot: families, bounded labels, a failing collector isolated."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import MappingProxyType
+
+import numpy as np
+from prometheus_client import generate_latest
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from memdefragd import exporter
+from memdefragd.exporter import Histogram, Snapshot, SnapshotCollector, pause_reason_label
+from memdefragd.layout import Rollup, histogram
+from memdefragd.model import MemoryState, ZoneFree
+
+
+def snapshot(**kw) -> Snapshot:
+    memory = MemoryState(
+        zones=(ZoneFree(0, "Normal", (4, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0)),),
+        pagetype_free=None, vmstat=MappingProxyType({}), thp=MappingProxyType({}),
+        khugepaged=MappingProxyType({}), pressure_some=None, pressure_full=None,
+    )  # fmt: skip
+    h = Histogram(exporter.REQUEST_BUCKETS)
+    h.observe(0.003)
+    h.observe(0.2)
+    rollup = Rollup(3, 1024, 512, 2, 1, 1, None, None)
+    base = Snapshot(
+        time=1.0, config_sha256="ab" * 32,
+        targets=exporter.target_figures(
+            [("db", rollup, histogram(np.array([512, 256, 256]))), ("db", rollup, histogram(np.array([8])))]
+        ),
+        requests={("collapse", "ok"): 2}, bytes_attempted={"collapse": 4 << 20},
+        bytes_done={"collapse": 4 << 20}, bytes_verified={"collapse": 2 << 20},
+        failures={"EAGAIN": 1}, races={"exited": 1}, errors={}, reloads={"ok": 1},
+        request_seconds={"collapse": h}, scan_seconds=Histogram(exporter.SCAN_BUCKETS),
+        pages_scanned=2048, scans=2, last_cycle=1234.5, paused=None, pressure_some_avg10=2.5,
+        budget_tokens=1e6, cpu_used=0.5, cpu_limit=1.0, queue_bytes=0, memory=memory,
+    )  # fmt: skip
+    return replace(base, **kw)
+
+
+def scrape(snap: Snapshot) -> dict:
+    reg = CollectorRegistry()
+    reg.register(SnapshotCollector(lambda: snap))
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+        for s in fam.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_families_and_values():
+    m = scrape(snapshot())
+    assert m["memdefragd_target_processes", (("target", "db"),)] == 2
+    assert m["memdefragd_target_thp_bytes", (("target", "db"),)] == 2 * 512 * 4096
+    assert m["memdefragd_target_thp_coverage_ratio", (("target", "db"),)] == 0.5
+    assert m["memdefragd_target_contiguity_runs", (("target", "db"),)] == 4
+    assert m["memdefragd_target_contiguity_coverage_ratio", (("k", "32"), ("target", "db"))] == 1.0
+    assert m["memdefragd_requests_total", (("method", "collapse"), ("result", "ok"))] == 2
+    assert m["memdefragd_verified_bytes_total", (("method", "collapse"),)] == 2 << 20
+    assert (
+        m["memdefragd_request_duration_seconds_bucket", (("le", "0.005"), ("method", "collapse"))]
+        == 1
+    )
+    assert (
+        m["memdefragd_request_duration_seconds_bucket", (("le", "+Inf"), ("method", "collapse"))]
+        == 2
+    )
+    assert m["memdefragd_memory_pressure_some_ratio", ()] == 0.025
+    assert (
+        m[
+            "memdefragd_unusable_free_space_index_ratio",
+            (("node", "0"), ("order", "10"), ("zone", "Normal")),
+        ]
+        == 1.0
+    )
+    assert m["memdefragd_config_reloads_total", (("result", "failed"),)] == 0
+    assert all(
+        m["memdefragd_collector_success", (("collector", c),)] == 1 for c in exporter.COLLECTORS
+    )
+
+
+def test_a_failing_collector_fails_only_itself(monkeypatch):
+    def broken(snap):
+        raise RuntimeError("boom")
+        yield  # pragma: no cover
+
+    monkeypatch.setitem(exporter.COLLECTORS, "system", broken)
+    m = scrape(snapshot())
+    assert m["memdefragd_collector_success", (("collector", "system"),)] == 0
+    assert m["memdefragd_collector_success", (("collector", "work"),)] == 1
+    assert ("memdefragd_requests_total", (("method", "collapse"), ("result", "ok"))) in m
+
+
+def test_no_snapshot_yet_still_answers():
+    reg = CollectorRegistry()
+    reg.register(SnapshotCollector(lambda: None))
+    text = generate_latest(reg).decode()
+    assert 'memdefragd_collector_success{collector="work"} 1.0' in text
+
+
+def test_pause_reasons_are_a_bounded_vocabulary():
+    assert pause_reason_label(None) == ""
+    assert pause_reason_label("memory pressure: PSI some avg10 12.0% > 10.0%") == "pressure"
+    assert pause_reason_label("MemAvailable 200 MiB < 1024 MiB") == "low_memory"
+    assert pause_reason_label("operator said so") == "other"
+    m = scrape(snapshot(paused="MemAvailable 1 MiB < 1 GiB"))
+    assert m["memdefragd_paused", (("reason", "low_memory"),)] == 1
