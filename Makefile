@@ -54,16 +54,16 @@ promtool:
 	dl=$(PROMTOOL_DIR)/download; rm -rf $$dl; mkdir -p $$dl; chmod 755 .cache $(PROMTOOL_DIR) $$dl; \
 	fetch() { (cd $$dl && apt-get download -q prometheus) >$$dl/apt.log 2>&1; }; \
 	if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then \
-	  echo "note: no apt-get/dpkg-deb: promtool not fetched, its tests will skip"; exit 0; fi; \
+	  echo "note: no apt-get/dpkg-deb: promtool not fetched: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; exit 0; fi; \
 	if ! fetch && [ "$$(id -u)" = 0 ]; then apt-get update -q >/dev/null 2>&1; fetch; fi; \
 	deb=$$(ls $$dl/prometheus_*.deb 2>/dev/null | head -n1); \
 	if [ -z "$$deb" ]; then \
-	  echo "note: apt-get download prometheus failed (see $$dl/apt.log): promtool not fetched, its tests will skip"; \
+	  echo "note: apt-get download prometheus failed (see $$dl/apt.log): promtool not fetched: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; \
 	  exit 0; fi; \
 	if dpkg-deb --fsys-tarfile $$deb | tar -x -C $$dl ./usr/bin/promtool \
 	  && mv $$dl/usr/bin/promtool $(PROMTOOL_DIR)/promtool; then \
 	  rm -rf $$dl; echo "promtool: $$($(PROMTOOL_DIR)/promtool --version 2>&1 | head -n1)"; \
-	else echo "note: could not extract usr/bin/promtool from $$deb: its tests will skip"; fi
+	else echo "note: could not extract usr/bin/promtool from $$deb: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import start_http_server
+from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -326,4 +326,5 @@ def serve(address: str, port: int, source: Callable[[], Snapshot | None]):
     """Start the HTTP endpoint in a thread; returns (server, thread) for shutdown."""
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(source))
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory: our cost
     return start_http_server(port, addr=address, registry=registry)
