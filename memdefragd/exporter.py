@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import ProcessCollector, start_http_server
@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__, buddy
-from .layout import Rollup, contiguity_from_histogram, merge_histograms
+from .layout import Rollup, VmaMetrics, rollup
 from .model import PAGE_SIZE, PMD_SIZE, MemoryState
 
 log = logging.getLogger("memdefragd")
@@ -102,31 +102,17 @@ class Snapshot:
     memory: MemoryState | None
 
 
-def target_figures(reports: Iterable[tuple[str, Rollup, object]]) -> dict[str, TargetFigures]:
-    """Per target name: processes and totals over their VMAs (contiguity merged)."""
-    groups: dict[str, list] = {}
-    for name, totals, hist in reports:
-        groups.setdefault(name, []).append((totals, hist))
-    out = {}
-    for name, items in groups.items():
-        hists = [h for _, h in items if h is not None]
-        known = len(hists) == len(items)
-        cont = contiguity_from_histogram(merge_histograms(hists), KS) if known else None
-        ts = [t for t, _ in items]
-        out[name] = TargetFigures(
-            processes=len(items),
-            totals=Rollup(
-                vmas=sum(t.vmas for t in ts),
-                present_pages=sum(t.present_pages for t in ts),
-                thp_pages=sum(t.thp_pages for t in ts),
-                aligned_regions=sum(t.aligned_regions for t in ts),
-                thp_regions=sum(t.thp_regions for t in ts),
-                collapsible_regions=sum(t.collapsible_regions for t in ts),
-                aligned_contiguous_regions=None,
-                contiguity=cont,
-            ),
-        )
-    return out
+def target_figures(
+    processes: Iterable[tuple[str, Sequence[VmaMetrics]]],
+) -> dict[str, TargetFigures]:
+    """Per target name: its processes, and one rollup over all their VMAs."""
+    groups: dict[str, list[Sequence[VmaMetrics]]] = {}
+    for name, metrics in processes:
+        groups.setdefault(name, []).append(metrics)
+    return {
+        name: TargetFigures(len(procs), rollup((m for ms in procs for m in ms), KS))
+        for name, procs in groups.items()
+    }
 
 
 def pause_reason_label(reason: str | None) -> str:

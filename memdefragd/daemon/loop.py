@@ -23,7 +23,6 @@ from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_support
 from ..config import Config, load_config
 from ..exporter import REQUEST_BUCKETS, SCAN_BUCKETS, Histogram, Snapshot, serve, target_figures
-from ..layout import merge_histograms
 from ..model import (
     PAGE_SIZE,
     PMD_SIZE,
@@ -449,9 +448,7 @@ class Daemon:
             tracked = self.discovery.tracked.get(pid)
             if tracked is None:
                 continue
-            hists = [v.metrics.run_hist for v in rep.vmas]
-            hist = merge_histograms(hists) if all(h is not None for h in hists) else None
-            reports.append((tracked.target.name, rep.totals, hist))
+            reports.append((tracked.target.name, [v.metrics for v in rep.vmas]))
         memory = self.memory
         return Snapshot(
             time=time.time(),

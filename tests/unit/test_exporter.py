@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memdefragd import exporter
 from memdefragd.exporter import Histogram, Snapshot, SnapshotCollector, pause_reason_label
-from memdefragd.layout import Rollup, histogram
+from memdefragd.layout import VmaMetrics, histogram
 from memdefragd.model import MemoryState, ZoneFree
 
 
@@ -25,11 +25,14 @@ def snapshot(**kw) -> Snapshot:
     h = Histogram(exporter.REQUEST_BUCKETS)
     h.observe(0.003)
     h.observe(0.2)
-    rollup = Rollup(3, 1024, 512, 2, 1, 1, None, None)
+
+    def vma(runs: list[int]) -> VmaMetrics:
+        return VmaMetrics(1024, 512, 2, 1, 1, 0, None, histogram(np.array(runs)))
+
     base = Snapshot(
         time=1.0, config_sha256="ab" * 32,
         targets=exporter.target_figures(
-            [("db", rollup, histogram(np.array([512, 256, 256]))), ("db", rollup, histogram(np.array([8])))]
+            [("db", [vma([512, 256, 256])]), ("db", [vma([8])])]
         ),
         requests={("collapse", "ok"): 2}, bytes_attempted={"collapse": 4 << 20},
         bytes_done={"collapse": 4 << 20}, bytes_verified={"collapse": 2 << 20},
