@@ -22,15 +22,20 @@ from .units import parse_duration, parse_size
 
 DEFAULT_PATH = "/etc/memdefragd/memdefragd.yaml"
 MODES = ("enforce", "observe")
-BACKENDS = ("kernel",)
-METHODS = ("collapse", "ranger")
+BACKENDS = ("kernel", "simulated")
+METHODS = ("collapse", "ranger", "ranger-improved", "compaction")  # backend.refusal(): which run
 MATCH_KEYS = ("comm", "cmdline", "exe", "user", "cgroup", "unit", "pid")
 TARGET_KEYS = ("name", "match", "exclude", "min_rss", "mode", "priority", "overrides")
 OVERRIDE_KEYS = ("method", "chunk", "cooldown")
 DAEMON_KEYS = (
     "backend", "method", "scan_interval", "budget", "chunk", "cooldown", "backoff",
-    "pressure", "compaction", "ranger", "metrics",
+    "pressure", "compaction", "ranger", "metrics", "simulated",
 )  # fmt: skip
+SIMULATED_KEYS = (
+    "memory", "nodes", "fragmentation", "unmovable", "unmovable_layout", "free", "seed",
+    "processes",
+)  # fmt: skip
+SIM_PROCESS_KEYS = ("comm", "heap", "thp", "count")
 TOP_KEYS = ("daemon", "targets")
 PMD = 2 << 20
 DEFAULT_METRICS_PORT = 9847
@@ -52,6 +57,45 @@ class Overrides:
 
 
 @dataclass(frozen=True, slots=True)
+class SimProcessSettings:
+    comm: str
+    heap: int
+    thp: bool = True
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedSettings:
+    """`daemon.simulated`: the machine the simulated backend ages at start (None: the
+    simulator's default for that field)."""
+
+    memory: int = 1 << 30
+    nodes: int = 1
+    fragmentation: float = 0.7
+    unmovable: float = 0.02
+    unmovable_layout: str = "scattered"
+    free: float | None = None
+    seed: int = 0
+    processes: tuple[SimProcessSettings, ...] = ()
+
+    def scenario(self):  # -> backends.sim.aging.Scenario (imported lazily)
+        from .backends.sim.aging import ProcSpec, Scenario
+
+        kw: dict[str, object] = {
+            "memory": self.memory, "nodes": self.nodes, "fragmentation": self.fragmentation,
+            "unmovable": self.unmovable, "unmovable_layout": self.unmovable_layout,
+            "seed": self.seed,
+        }  # fmt: skip
+        if self.free is not None:
+            kw["free"] = self.free
+        if self.processes:
+            kw["processes"] = tuple(
+                ProcSpec(p.comm, p.heap, thp=p.thp, count=p.count) for p in self.processes
+            )
+        return Scenario(**kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonSettings:
     """The `daemon:` section. Defaults favour running unnoticed next to busy services."""
 
@@ -70,6 +114,11 @@ class DaemonSettings:
     compaction_interval: float = 60.0  # at most once per this many seconds per node
     ranger_syscall: int | None = None  # scan_process_memory's number on a patched kernel
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", DEFAULT_METRICS_PORT)
+    simulated: SimulatedSettings = SimulatedSettings()
+
+    def backend_key(self) -> tuple[str, SimulatedSettings | None]:
+        """What fixes the backend for the daemon's lifetime (a reload cannot change it)."""
+        return self.backend, self.simulated if self.backend == "simulated" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +308,8 @@ class _Validator:
                 sub = self.mapping(v, k, ("syscall",)) or {}
                 if "syscall" in sub and self.scalar(sub["syscall"][1]) is not None:
                     kw["ranger_syscall"] = self.integer(sub["syscall"][1], f"{k}.syscall")
+        if "simulated" in keys:
+            kw["simulated"] = self.simulated(keys["simulated"][1], "daemon.simulated")
         if "metrics" in keys:
             sub = self.mapping(keys["metrics"][1], "daemon.metrics", ("listen",)) or {}
             if "listen" in sub:
@@ -275,6 +326,57 @@ class _Validator:
         if settings.backoff_max < settings.backoff_initial:
             self.error(node, "daemon.backoff", "max must not be below initial")
         return settings
+
+    def simulated(self, node: yaml.Node, key: str) -> SimulatedSettings | None:
+        keys = self.mapping(node, key, SIMULATED_KEYS)
+        if keys is None:
+            return None
+        kw: dict[str, object] = {}
+        for name, (_, v) in keys.items():
+            k = f"{key}.{name}"
+            if name == "memory":
+                kw[name] = self.size(v, k, minimum=64 << 20)
+            elif name in ("nodes", "seed"):
+                n = self.integer(v, k)
+                if n is not None and n < (1 if name == "nodes" else 0):
+                    self.error(v, k, f"must be at least {1 if name == 'nodes' else 0}, got {n}")
+                    n = None
+                kw[name] = n
+            elif name == "fragmentation":
+                kw[name] = self.number(v, k, 0, 1)
+            elif name == "unmovable":
+                kw[name] = self.number(v, k, 0, 0.5)
+            elif name == "free":
+                kw[name] = self.number(v, k, 0.01, 0.95)
+            elif name == "unmovable_layout":
+                kw[name] = self.choice(v, k, ("scattered", "clustered"))
+            elif name == "processes":
+                kw[name] = self.sim_processes(v, k)
+        return replace(SimulatedSettings(), **{k: x for k, x in kw.items() if x is not None})
+
+    def sim_processes(self, node: yaml.Node, key: str) -> tuple[SimProcessSettings, ...] | None:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.error(node, key, "expected a non-empty list of {comm, heap, thp, count}")
+            return None
+        out = []
+        for i, item in enumerate(node.value):
+            k = f"{key}[{i}]"
+            keys = self.mapping(item, k, SIM_PROCESS_KEYS)
+            if keys is None:
+                continue
+            if "comm" not in keys or "heap" not in keys:
+                self.error(item, k, "needs comm (process name) and heap (size)")
+                continue
+            comm = self.string(keys["comm"][1], f"{k}.comm")
+            heap = self.size(keys["heap"][1], f"{k}.heap", minimum=PMD)
+            thp = self.boolean(keys["thp"][1], f"{k}.thp") if "thp" in keys else True
+            count = self.integer(keys["count"][1], f"{k}.count") if "count" in keys else 1
+            if count is not None and count < 1:
+                self.error(keys["count"][1], f"{k}.count", f"must be at least 1, got {count}")
+                count = None
+            if comm and heap and thp is not None and count:
+                out.append(SimProcessSettings(comm, heap, thp, count))
+        return tuple(out)
 
     def listen(self, node: yaml.Node, key: str) -> tuple[str, int] | str | None:
         """HOST:PORT, or off (or false) for no endpoint."""

@@ -5,10 +5,25 @@ The daemon core and `report` speak only this protocol, so they run unchanged on 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
-from ..model import Layout, MemoryState, PfnVisibility, ProcessInfo, Vma
+from ..model import Layout, MemoryState, Outcome, PfnVisibility, ProcessInfo, Request, Vma
+
+if TYPE_CHECKING:
+    from ..config import DaemonSettings
+
+
+class Handle(Protocol):
+    """A pinned reference to one process (a pidfd on the kernel): requests go through it,
+    so that a pid reused by another process is never acted on."""
+
+    proc: ProcessInfo
+
+    @property
+    def pid(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -41,3 +56,30 @@ class Backend(Protocol):
 
     def pfn_visibility(self) -> PfnVisibility:
         """Whether layouts carry real frame numbers, and why not if they don't."""
+
+    def open(self, proc: ProcessInfo) -> Handle:
+        """Pin the process for requests; raises ProcessGone, AccessDenied or OSError."""
+
+    def refusal(self, method: str) -> str | None:
+        """Why this backend cannot carry out `method`, in words for the user; None if it can."""
+
+    def execute(
+        self, handle: Handle, request: Request, *, should_stop: Callable[[], bool]
+    ) -> Outcome:
+        """Carry out one request with `request.method`; every region sent is either done or
+        counted in the outcome's failures. should_stop is asked between regions."""
+
+    def close(self) -> None:
+        """Release what the backend holds open."""
+
+
+def open_backend(settings: DaemonSettings) -> Backend:
+    """The backend a config asks for (imported lazily: the simulator pulls in more)."""
+    if settings.backend == "simulated":
+        from .sim import SimBackend
+        from .sim.aging import age
+
+        return SimBackend(age(settings.simulated.scenario()))
+    from .kernel import KernelBackend
+
+    return KernelBackend(ranger_syscall=settings.ranger_syscall)

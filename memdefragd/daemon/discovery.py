@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from ..backends import Backend
+from ..backends import Backend, Handle
 from ..backends.kernel.procs import PidHandle
 from ..model import AccessDenied, ProcessGone, ProcessInfo
 from ..targets import Target, select
@@ -82,7 +82,7 @@ class Tracked:
 
     proc: ProcessInfo
     target: Target
-    handle: PidHandle
+    handle: Handle
 
     @property
     def pid(self) -> int:
@@ -472,7 +472,7 @@ class Discovery:
         targets: Sequence[Target],
         events: EventSource | None,
         *,
-        opener: Callable[[ProcessInfo], PidHandle] = PidHandle,
+        opener: Callable[[ProcessInfo], Handle] = PidHandle,
         rescan_interval: float = 60.0,
         fallback_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -643,7 +643,10 @@ _DENIED = object()
 
 def _exited(handle: object) -> bool:
     """Whether the process behind a pidfd has exited (the pidfd polls readable once the
-    whole thread group is gone, zombie or reaped). False for handles without a pidfd."""
+    whole thread group is gone, zombie or reaped); handles without one may say `exited`."""
+    exited = getattr(handle, "exited", None)
+    if isinstance(exited, bool):
+        return exited
     fd = getattr(handle, "fd", None)
     if not isinstance(fd, int) or fd < 0:
         return False

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..backends.kernel import KernelBackend
-from ..backends.kernel.collapse import collapse, process_madvise_nr
+from ..backends import Backend, open_backend
 from ..backends.kernel.compaction import Compactor
-from ..backends.kernel.ranger import ranger_support
+from ..backends.kernel.ranger import ranger_refusal  # noqa: F401  (cli imports it from here)
 from ..config import Config, load_config
 from ..exporter import REQUEST_BUCKETS, SCAN_BUCKETS, Histogram, Snapshot, serve, target_figures
 from ..model import (
@@ -106,31 +105,18 @@ def scheduler_settings(config: Config) -> SchedulerSettings:
     )
 
 
-def check_methods(config: Config) -> None:
-    """Refuse at start-up a method this kernel cannot carry out, saying why."""
-    methods = {config.daemon.method} | {
+def config_methods(config: Config) -> set[str]:
+    return {config.daemon.method} | {
         o.method for o in config.overrides.values() if o.method is not None
     }
-    if "ranger" in methods:
-        raise SystemExit(f"memdefragd: {ranger_refusal(config.daemon.ranger_syscall)}")
-    try:
-        process_madvise_nr()
-    except NotImplementedError as e:
-        raise SystemExit(f"memdefragd: {e}") from None
 
 
-def ranger_refusal(syscall_nr: int | None) -> str:
-    """Why method 'ranger' cannot run: this kernel lacks it, or we do not drive it yet."""
-    ok, reason = ranger_support(syscall_nr)
-    if not ok:
-        return reason
-    # The syscall wrapper and its output parsers exist (backends/kernel/ranger.py), but a
-    # whole-process Translation Ranger pass does not map onto per-range requests yet, and
-    # no kernel here has it to test against: refuse rather than pretend.
-    return (
-        "this kernel has Translation Ranger, but the daemon does not drive it yet: "
-        "use method 'collapse'"
-    )
+def check_methods(config: Config, backend: Backend) -> None:
+    """Refuse at start-up (or reload) a method this backend cannot carry out, saying why."""
+    for method in sorted(config_methods(config)):
+        reason = backend.refusal(method)
+        if reason is not None:
+            raise SystemExit(f"memdefragd: method {method!r}: {reason}")
 
 
 class Daemon:
@@ -138,22 +124,26 @@ class Daemon:
         self,
         config: Config,
         *,
-        backend: KernelBackend | None = None,
+        backend: Backend | None = None,
         notifier: Notifier | None = None,
         dry_run: bool = False,
         events: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
-        check_methods(config)
+        self.backend = backend or open_backend(config.daemon)
+        check_methods(config, self.backend)
         self.config = config
-        self.backend = backend or KernelBackend()
         self.notifier = notifier or Notifier()
         self.dry_run = dry_run
         self.clock = clock
         self.stats = Stats()
         self.scheduler = Scheduler(scheduler_settings(config))
-        self.events = ProcEvents() if events else None
-        self.discovery = Discovery(self.backend, config.targets, self.events)
+        # Netlink process events come from this machine's kernel: they mean nothing to a
+        # simulated machine, whose processes the periodic listing finds.
+        self.events = ProcEvents() if events and self.backend.name == "kernel" else None
+        self.discovery = Discovery(
+            self.backend, config.targets, self.events, opener=self.backend.open
+        )
         self.compactor = Compactor(config.daemon.compaction_interval)
         self.reports: dict[int, ProcessReport] = {}  # latest scan per pid
         self.paused: str | None = None
@@ -270,7 +260,12 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config.path)
-            check_methods(new)
+            if new.daemon.backend_key() != self.config.daemon.backend_key():
+                raise SystemExit(
+                    "daemon.backend and daemon.simulated take effect only at start: "
+                    "restart memdefragd to change them"
+                )
+            check_methods(new, self.backend)
         except (Exception, SystemExit) as e:  # ConfigError, or a method refused
             self.stats.reloads["failed"] += 1
             log.error("reload failed, keeping the running config: %s", e)
@@ -391,7 +386,7 @@ class Daemon:
             return True
         method = self.method_for(tracked.target.name)
         req = replace(req, method=method)
-        outcome = collapse(tracked.handle, req, should_stop=self._stop.is_set)
+        outcome = self.backend.execute(tracked.handle, req, should_stop=self._stop.is_set)
         sent = [a for lo, hi in req.ranges for a in range(lo, hi, PMD_SIZE)]
         self._tried.setdefault(req.pid, set()).update(sent[: outcome.bytes_attempted // PMD_SIZE])
         verified = self.verify(tracked, req) if outcome.bytes_done else 0
@@ -433,7 +428,11 @@ class Daemon:
             log_once(log, ("EPERM", req.pid), logging.WARNING,
                  "not allowed to collapse pid %d: memdefragd needs CAP_SYS_NICE and ptrace "
                  "access to it (run as root)", req.pid)  # fmt: skip
-        elif outcome.stopped == "ENOMEM" and self.config.daemon.compaction:
+        elif (
+            outcome.stopped == "ENOMEM"
+            and self.config.daemon.compaction
+            and self.backend.name == "kernel"
+        ):
             for node in self.compactor.maybe_compact():
                 log.info("asked the kernel to compact node %d (no free 2 MiB block)", node)
 

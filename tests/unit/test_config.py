@@ -173,8 +173,14 @@ def test_daemon_settings_parse():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("daemon: {backend: simulated}\ntargets: []\n", "m.yaml:1: daemon.backend: expected one of kernel, got str 'simulated'"),
-        ("daemon: {method: defrag}\ntargets: []\n", "m.yaml:1: daemon.method: expected one of collapse, ranger"),
+        ("daemon: {backend: qemu}\ntargets: []\n", "m.yaml:1: daemon.backend: expected one of kernel, simulated, got str 'qemu'"),
+        ("daemon:\n  simulated: {memory: 1M}\ntargets: []\n", "m.yaml:2: daemon.simulated.memory: must be at least 67108864 bytes"),
+        ("daemon:\n  simulated: {fragmentation: 2}\ntargets: []\n", "daemon.simulated.fragmentation: expected a number from 0 to 1, got int 2"),
+        ("daemon:\n  simulated: {unmovable_layout: spread}\ntargets: []\n", "daemon.simulated.unmovable_layout: expected one of scattered, clustered"),
+        ("daemon:\n  simulated: {processes: [{comm: db}]}\ntargets: []\n", "daemon.simulated.processes[0]: needs comm (process name) and heap (size)"),
+        ("daemon:\n  simulated: {processes: [{comm: db, heap: 1G, count: 0}]}\ntargets: []\n", "daemon.simulated.processes[0].count: must be at least 1, got 0"),
+        ("daemon:\n  simulated: {seed: -1}\ntargets: []\n", "daemon.simulated.seed: must be at least 0, got -1"),
+        ("daemon: {method: defrag}\ntargets: []\n", "m.yaml:1: daemon.method: expected one of collapse, ranger, ranger-improved, compaction"),
         ("daemon:\n  scan_interval: soon\ntargets: []\n", "m.yaml:2: daemon.scan_interval: expected a duration"),
         ("daemon:\n  scan_interval: 0\ntargets: []\n", "m.yaml:2: daemon.scan_interval: must be at least 0.1s"),
         ("daemon:\n  chunk: 3MiB\ntargets: []\n", "m.yaml:2: daemon.chunk: must be a multiple of 2MiB and at most 64MiB"),
@@ -193,3 +199,40 @@ def test_daemon_settings_parse():
 def test_daemon_errors_say_what_and_where(text, expected):
     errs = errors_of(text)
     assert any(expected in e for e in errs), errs
+
+
+def test_simulated_section_is_read_whole():
+    cfg = parse_config(
+        textwrap.dedent(
+            """\
+            daemon:
+              backend: simulated
+              method: ranger-improved
+              simulated:
+                memory: 2G
+                nodes: 2
+                fragmentation: 0.5
+                unmovable: 0.01
+                unmovable_layout: clustered
+                free: 0.3
+                seed: 7
+                processes:
+                  - {comm: simdb, heap: 512M, count: 2}
+                  - {comm: cold, heap: 64M, thp: false}
+            targets:
+              - name: t
+            """
+        )
+    )
+    d = cfg.daemon
+    assert (d.backend, d.method) == ("simulated", "ranger-improved")
+    s = d.simulated
+    assert (s.memory, s.nodes, s.fragmentation, s.unmovable) == (2 << 30, 2, 0.5, 0.01)
+    assert (s.unmovable_layout, s.free, s.seed) == ("clustered", 0.3, 7)
+    assert [(p.comm, p.heap, p.thp, p.count) for p in s.processes] == [
+        ("simdb", 512 << 20, True, 2),
+        ("cold", 64 << 20, False, 1),
+    ]
+    # Only what fixes the machine takes part in the reload check.
+    assert d.backend_key() == ("simulated", s)
+    assert parse_config("targets: []\n").daemon.backend_key() == ("kernel", None)

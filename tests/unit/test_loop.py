@@ -40,6 +40,12 @@ class FlakyBackend:
     def pfn_visibility(self) -> PfnVisibility:
         return PfnVisibility(True)
 
+    def open(self, proc):
+        raise AssertionError("the stand-in lists no process, so none is opened")
+
+    def refusal(self, method: str) -> str | None:
+        return None if method == "collapse" else f"the stand-in cannot do {method}"
+
     def close(self) -> None:
         self.closed = True
 
@@ -84,3 +90,29 @@ def test_once_run_raises_what_it_hits():
         assert "buddyinfo went away" in str(e)
     else:
         raise AssertionError("the error was swallowed")
+
+
+def test_a_method_the_backend_refuses_stops_the_start_with_its_reason():
+    cfg = parse_config("targets:\n  - name: t\n    overrides: {method: compaction}\n")
+    try:
+        Daemon(cfg, backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
+    except SystemExit as e:
+        assert str(e) == "memdefragd: method 'compaction': the stand-in cannot do compaction"
+    else:
+        raise AssertionError("started with a method the backend refuses")
+
+
+def test_reload_keeps_the_backend_it_started_with(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("targets:\n  - name: t\n")
+    from memdefragd.config import load_config
+
+    d = Daemon(load_config(path), backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
+    path.write_text("daemon: {backend: simulated}\ntargets:\n  - name: t\n")
+    d.reload()
+    assert d.stats.reloads == {"failed": 1}
+    assert d.config.daemon.backend == "kernel"
+    path.write_text("daemon: {scan_interval: 5s}\ntargets:\n  - name: u\n")
+    d.reload()
+    assert d.stats.reloads == {"failed": 1, "ok": 1}
+    assert [t.name for t in d.config.targets] == ["u"]

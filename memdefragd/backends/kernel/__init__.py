@@ -15,13 +15,17 @@ from ...model import (
     AccessDenied,
     Layout,
     MemoryState,
+    Outcome,
     PfnVisibility,
     ProcessGone,
     ProcessInfo,
+    Request,
     Vma,
 )
+from .collapse import collapse, process_madvise_nr
 from .pagemap import WINDOW_PAGES, PagemapReader
-from .procs import ProcDir, list_pids
+from .procs import PidHandle, ProcDir, list_pids
+from .ranger import ranger_refusal
 
 CAP_SYS_ADMIN = 21
 DENSE_VMA_BYTES = 64 << 20  # below this, reading a VMA straight through costs little
@@ -43,6 +47,7 @@ class KernelBackend:
         use_scan: bool = True,
         window_pages: int = WINDOW_PAGES,
         density: str = "auto",
+        ranger_syscall: int | None = None,
     ):
         """`use_scan=False` never uses PAGEMAP_SCAN (as on kernels before 6.7);
         `density` forces how VMAs are read: "dense" straight through, "sparse" present
@@ -54,9 +59,37 @@ class KernelBackend:
         self.window_pages = window_pages
         self.sys_root = sys_root
         self.use_scan = use_scan
+        self.ranger_syscall = ranger_syscall
         self._visibility: PfnVisibility | None = None
         self._kpf_fd: int | None = None
         self._kpf_tried = False
+
+    def open(self, proc: ProcessInfo) -> PidHandle:
+        return PidHandle(proc, self.proc_root)
+
+    def refusal(self, method: str) -> str | None:
+        if method == "collapse":
+            try:
+                process_madvise_nr()
+            except NotImplementedError as e:
+                return str(e)
+            return None
+        if method == "ranger":
+            return ranger_refusal(self.ranger_syscall)
+        if method == "compaction":
+            return (
+                "the kernel backend compacts whole nodes through daemon.compaction.enabled, "
+                "not as a per-target method: use method 'collapse'"
+            )
+        return f"method {method!r} exists only on the simulated backend (daemon.backend)"
+
+    def execute(
+        self, handle: PidHandle, request: Request, *, should_stop: Callable[[], bool]
+    ) -> Outcome:
+        reason = self.refusal(request.method)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        return collapse(handle, request, should_stop=should_stop, proc_root=self.proc_root)
 
     def close(self) -> None:
         if self._kpf_fd is not None:

@@ -486,3 +486,17 @@ def _require_alive(handle: PidHandle) -> None:
     poller.register(handle.fd, select.POLLIN)
     if poller.poll(0):  # a pidfd is readable once its process has exited
         raise ProcessGone(f"pid {handle.pid}: exited")
+
+
+def ranger_refusal(syscall_nr: int | None) -> str:
+    """Why method 'ranger' cannot run: this kernel lacks it, or we do not drive it yet."""
+    ok, reason = ranger_support(syscall_nr)
+    if not ok:
+        return reason
+    # The syscall wrapper and its output parsers exist (backends/kernel/ranger.py), but a
+    # whole-process Translation Ranger pass does not map onto per-range requests yet, and
+    # no kernel here has it to test against: refuse rather than pretend.
+    return (
+        "this kernel has Translation Ranger, but the daemon does not drive it yet: "
+        "use method 'collapse'"
+    )
