@@ -80,11 +80,11 @@ class Snapshot:
     time: float
     config_sha256: str
     targets: Mapping[str, TargetFigures]
-    requests: Mapping[tuple[str, str], int]
-    bytes_attempted: Mapping[str, int]
-    bytes_done: Mapping[str, int]
-    bytes_verified: Mapping[str, int]
-    failures: Mapping[str, int]
+    requests: Mapping[tuple[str, str, str], int]  # (target, method, result)
+    bytes_attempted: Mapping[tuple[str, str], int]  # (target, method)
+    bytes_done: Mapping[tuple[str, str], int]
+    bytes_verified: Mapping[tuple[str, str], int]
+    failures: Mapping[tuple[str, str, str], int]  # (target, method, reason)
     races: Mapping[str, int]
     errors: Mapping[str, int]
     reloads: Mapping[str, int]
@@ -93,6 +93,7 @@ class Snapshot:
     pages_scanned: int
     scans: int
     last_cycle: float
+    scan_interval: float
     paused: str | None
     pressure_some_avg10: float | None
     budget_tokens: float
@@ -115,8 +116,11 @@ def target_figures(
     }
 
 
+PAUSE_REASONS = ("pressure", "low_memory", "other")
+
+
 def pause_reason_label(reason: str | None) -> str:
-    """A bounded label value for a free-text pause reason."""
+    """A bounded label value (one of PAUSE_REASONS) for a free-text pause reason."""
     if not reason:
         return ""
     low = reason.lower()
@@ -162,26 +166,29 @@ def _targets(s: Snapshot) -> Iterator[Metric]:
 
 def _work(s: Snapshot) -> Iterator[Metric]:
     req = CounterMetricFamily(
-        f"{NS}_requests", "Defrag requests carried out, by method and result.",
-        labels=["method", "result"],
+        f"{NS}_requests", "Defrag requests carried out, by target, method and result.",
+        labels=["target", "method", "result"],
     )  # fmt: skip
-    for (method, result), n in sorted(s.requests.items()):
-        req.add_metric([method, result], n)
+    for key, n in sorted(s.requests.items()):
+        req.add_metric(list(key), n)
     yield req
     for name, data, doc in (
-        ("attempted_bytes", s.bytes_attempted, "Bytes of regions sent to the kernel."),
-        ("done_bytes", s.bytes_done, "Bytes the kernel reported collapsed."),
+        ("attempted_bytes", s.bytes_attempted, "Bytes of regions sent to the backend."),
+        ("done_bytes", s.bytes_done, "Bytes the backend reported defragmented."),
         ("verified_bytes", s.bytes_verified, "Bytes found huge by re-reading after a request."),
     ):
-        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["method"])
-        for method, n in sorted(data.items()):
-            c.add_metric([method], n)
+        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["target", "method"])
+        for key, n in sorted(data.items()):
+            c.add_metric(list(key), n)
         yield c
     fail = CounterMetricFamily(
-        f"{NS}_failures", "2 MiB regions that failed, by reason (errno name).", labels=["reason"]
+        f"{NS}_failures",
+        "2 MiB regions that failed, by target, method and reason (errno name, or "
+        "Translation Ranger's failure category).",
+        labels=["target", "method", "reason"],
     )
-    for reason, n in sorted(s.failures.items()):
-        fail.add_metric([reason], n)
+    for key, n in sorted(s.failures.items()):
+        fail.add_metric(list(key), n)
     yield fail
     dur = HistogramMetricFamily(
         f"{NS}_request_duration_seconds", "Time in the kernel per request.", labels=["method"]
@@ -207,9 +214,11 @@ def _work(s: Snapshot) -> Iterator[Metric]:
 
 def _state(s: Snapshot) -> Iterator[Metric]:
     paused = GaugeMetricFamily(
-        f"{NS}_paused", "1 while work is paused, with the kind of reason.", labels=["reason"]
+        f"{NS}_paused", "1 for the kind of reason work is paused for, else 0.", labels=["reason"]
     )
-    paused.add_metric([pause_reason_label(s.paused)], 1 if s.paused else 0)
+    now = pause_reason_label(s.paused)
+    for reason in PAUSE_REASONS:  # every series always there: no gaps, no stale ones
+        paused.add_metric([reason], 1 if reason == now else 0)
     yield paused
     if s.pressure_some_avg10 is not None:
         yield GaugeMetricFamily(
@@ -240,6 +249,10 @@ def _state(s: Snapshot) -> Iterator[Metric]:
     build = GaugeMetricFamily(f"{NS}_build_info", "memdefragd's version.", labels=["version"])
     build.add_metric([__version__], 1)
     yield build
+    yield GaugeMetricFamily(
+        f"{NS}_scan_interval_seconds", "The configured time between full scan cycles.",
+        value=s.scan_interval,
+    )  # fmt: skip
     yield GaugeMetricFamily(
         f"{NS}_last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle.",
         value=s.last_cycle,

@@ -53,11 +53,12 @@ class Stats:
     scans: int = 0
     scan_seconds: float = 0.0
     pages_scanned: int = 0
-    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, result)
-    bytes_attempted: Counter[str] = field(default_factory=Counter)  # by method
-    bytes_done: Counter[str] = field(default_factory=Counter)
-    bytes_verified: Counter[str] = field(default_factory=Counter)
-    failures: Counter[str] = field(default_factory=Counter)  # by reason
+    # Work, by (target, method[, result or reason]): an alert can name the target that fails.
+    requests: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    bytes_attempted: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bytes_done: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bytes_verified: Counter[tuple[str, str]] = field(default_factory=Counter)
+    failures: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     races: Counter[str] = field(default_factory=Counter)  # exited, access_denied...
     reloads: Counter[str] = field(default_factory=Counter)  # ok, failed
     errors: Counter[str] = field(default_factory=Counter)  # unexpected, by exception type
@@ -66,13 +67,14 @@ class Stats:
     outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
 
     def record(self, outcome: Outcome, verified: int) -> None:
-        method = outcome.request.method
+        target, method = outcome.request.target, outcome.request.method
         result = outcome.stopped or ("ok" if not outcome.failures else "partial")
-        self.requests[method, result] += 1
-        self.bytes_attempted[method] += outcome.bytes_attempted
-        self.bytes_done[method] += outcome.bytes_done
-        self.bytes_verified[method] += verified
-        self.failures.update(outcome.failures)
+        self.requests[target, method, result] += 1
+        self.bytes_attempted[target, method] += outcome.bytes_attempted
+        self.bytes_done[target, method] += outcome.bytes_done
+        self.bytes_verified[target, method] += verified
+        for reason, n in outcome.failures.items():
+            self.failures[target, method, reason] += n
         hist = self.request_seconds.setdefault(method, Histogram(REQUEST_BUCKETS))
         hist.observe(outcome.duration)
         self.outcomes = [*self.outcomes[-99:], (outcome, verified)]
@@ -466,6 +468,7 @@ class Daemon:
             pages_scanned=s.pages_scanned,
             scans=s.scans,
             last_cycle=s.last_cycle,
+            scan_interval=self.config.daemon.scan_interval,
             paused=self.paused,
             pressure_some_avg10=(
                 memory.pressure_some.avg10 if memory and memory.pressure_some else None

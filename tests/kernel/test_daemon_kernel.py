@@ -350,15 +350,16 @@ def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
     verified = sum(int(m) for m in re.findall(r"collapse pid \d+ .*?(\d+) MiB verified", log))
     requests = len(re.findall(r"collapse pid \d+ ", log))
     assert verified >= 64
-    assert get("memdefragd_verified_bytes_total", method="collapse") == verified * MiB
-    assert get("memdefragd_done_bytes_total", method="collapse") >= 64 * MiB
+    work = {"target": "testee", "method": "collapse"}
+    assert get("memdefragd_verified_bytes_total", **work) == verified * MiB
+    assert get("memdefragd_done_bytes_total", **work) >= 64 * MiB
     assert sum(v for (n, _), v in samples.items() if n == "memdefragd_requests_total") == requests
     assert get("memdefragd_request_duration_seconds_count", method="collapse") == requests
     assert get("memdefragd_target_processes", target="testee") == 1
     assert get("memdefragd_target_thp_bytes", target="testee") >= 64 * MiB
     assert get("memdefragd_target_collapsible_bytes", target="testee") == 0
     assert 0 < get("memdefragd_target_contiguity_coverage_ratio", target="testee", k="32") <= 1
-    assert get("memdefragd_paused", reason="") == 0
+    assert all(get("memdefragd_paused", reason=r) == 0 for r in ("pressure", "low_memory", "other"))
     zones = [line.split()[3] for line in Path("/proc/buddyinfo").read_text().splitlines()]
     for zone in zones:
         assert (

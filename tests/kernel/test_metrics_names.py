@@ -45,7 +45,7 @@ lint = _dashboard_rules()
 EVENT_ONLY = {
     "memdefragd_races_total": {"kind"},
     "memdefragd_errors_total": {"kind"},
-    "memdefragd_failures_total": {"reason"},
+    "memdefragd_failures_total": {"target", "method", "reason"},
 }
 
 

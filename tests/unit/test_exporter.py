@@ -34,11 +34,12 @@ def snapshot(**kw) -> Snapshot:
         targets=exporter.target_figures(
             [("db", [vma([512, 256, 256])]), ("db", [vma([8])])]
         ),
-        requests={("collapse", "ok"): 2}, bytes_attempted={"collapse": 4 << 20},
-        bytes_done={"collapse": 4 << 20}, bytes_verified={"collapse": 2 << 20},
-        failures={"EAGAIN": 1}, races={"exited": 1}, errors={}, reloads={"ok": 1},
+        requests={("db", "collapse", "ok"): 2}, bytes_attempted={("db", "collapse"): 4 << 20},
+        bytes_done={("db", "collapse"): 4 << 20}, bytes_verified={("db", "collapse"): 2 << 20},
+        failures={("db", "collapse", "EAGAIN"): 1}, races={"exited": 1}, errors={},
+        reloads={"ok": 1},
         request_seconds={"collapse": h}, scan_seconds=Histogram(exporter.SCAN_BUCKETS),
-        pages_scanned=2048, scans=2, last_cycle=1234.5, paused=None, pressure_some_avg10=2.5,
+        pages_scanned=2048, scans=2, last_cycle=1234.5, scan_interval=30.0, paused=None, pressure_some_avg10=2.5,
         budget_tokens=1e6, cpu_used=0.5, cpu_limit=1.0, queue_bytes=0, memory=memory,
     )  # fmt: skip
     return replace(base, **kw)
@@ -61,8 +62,14 @@ def test_families_and_values():
     assert m["memdefragd_target_thp_coverage_ratio", (("target", "db"),)] == 0.5
     assert m["memdefragd_target_contiguity_runs", (("target", "db"),)] == 4
     assert m["memdefragd_target_contiguity_coverage_ratio", (("k", "32"), ("target", "db"))] == 1.0
-    assert m["memdefragd_requests_total", (("method", "collapse"), ("result", "ok"))] == 2
-    assert m["memdefragd_verified_bytes_total", (("method", "collapse"),)] == 2 << 20
+    db_collapse = (("method", "collapse"), ("target", "db"))
+    assert m["memdefragd_requests_total", (*db_collapse[:1], ("result", "ok"), db_collapse[1])] == 2
+    assert m["memdefragd_verified_bytes_total", db_collapse] == 2 << 20
+    assert (
+        m["memdefragd_failures_total", (*db_collapse[:1], ("reason", "EAGAIN"), db_collapse[1])]
+        == 1
+    )
+    assert m["memdefragd_scan_interval_seconds", ()] == 30.0
     assert (
         m["memdefragd_request_duration_seconds_bucket", (("le", "0.005"), ("method", "collapse"))]
         == 1
@@ -94,7 +101,8 @@ def test_a_failing_collector_fails_only_itself(monkeypatch):
     m = scrape(snapshot())
     assert m["memdefragd_collector_success", (("collector", "system"),)] == 0
     assert m["memdefragd_collector_success", (("collector", "work"),)] == 1
-    assert ("memdefragd_requests_total", (("method", "collapse"), ("result", "ok"))) in m
+    labels = (("method", "collapse"), ("result", "ok"), ("target", "db"))
+    assert ("memdefragd_requests_total", labels) in m
 
 
 def test_no_snapshot_yet_still_answers():
@@ -110,4 +118,9 @@ def test_pause_reasons_are_a_bounded_vocabulary():
     assert pause_reason_label("MemAvailable 200 MiB < 1024 MiB") == "low_memory"
     assert pause_reason_label("operator said so") == "other"
     m = scrape(snapshot(paused="MemAvailable 1 MiB < 1 GiB"))
-    assert m["memdefragd_paused", (("reason", "low_memory"),)] == 1
+    paused = {k[1][0][1]: v for k, v in m.items() if k[0] == "memdefragd_paused"}
+    assert paused == {"pressure": 0, "low_memory": 1, "other": 0}
+    # Not paused: every reason's series is still there, at 0 (no series appear or vanish).
+    m = scrape(snapshot())
+    paused = {k[1][0][1]: v for k, v in m.items() if k[0] == "memdefragd_paused"}
+    assert paused == dict.fromkeys(exporter.PAUSE_REASONS, 0)
