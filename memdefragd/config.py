@@ -66,33 +66,32 @@ class SimProcessSettings:
 
 @dataclass(frozen=True, slots=True)
 class SimulatedSettings:
-    """`daemon.simulated`: the machine the simulated backend ages at start (None: the
-    simulator's default for that field)."""
+    """`daemon.simulated`: the machine the simulated backend ages at start, and the
+    processes left running on it (aged along with it, so their memory is scattered)."""
 
     memory: int = 1 << 30
     nodes: int = 1
-    fragmentation: float = 0.7
-    unmovable: float = 0.02
+    fragmentation: float = 0.7  # target unusable free space index at order 9
+    unmovable: float = 0.02  # share of frames the kernel holds (slab, page tables, pins)
     unmovable_layout: str = "scattered"
-    free: float | None = None
+    free: float = 0.25  # share of memory free once aged
     seed: int = 0
-    processes: tuple[SimProcessSettings, ...] = ()
+    processes: tuple[SimProcessSettings, ...] = (
+        SimProcessSettings("simdb", 256 << 20),
+        SimProcessSettings("simcache", 64 << 20, count=2),
+    )
 
-    def scenario(self):  # -> backends.sim.aging.Scenario (imported lazily)
+    def scenario(self):  # -> backends.sim.aging.Scenario (imported lazily: numpy-heavy)
         from .backends.sim.aging import ProcSpec, Scenario
 
-        kw: dict[str, object] = {
-            "memory": self.memory, "nodes": self.nodes, "fragmentation": self.fragmentation,
-            "unmovable": self.unmovable, "unmovable_layout": self.unmovable_layout,
-            "seed": self.seed,
-        }  # fmt: skip
-        if self.free is not None:
-            kw["free"] = self.free
-        if self.processes:
-            kw["processes"] = tuple(
+        return Scenario(
+            memory=self.memory, nodes=self.nodes, fragmentation=self.fragmentation,
+            unmovable=self.unmovable, unmovable_layout=self.unmovable_layout, free=self.free,
+            seed=self.seed,
+            processes=tuple(
                 ProcSpec(p.comm, p.heap, thp=p.thp, count=p.count) for p in self.processes
-            )
-        return Scenario(**kw)  # type: ignore[arg-type]
+            ),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
