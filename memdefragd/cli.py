@@ -1,4 +1,4 @@
-"""Command line: `memdefragd report` (and `check-config`)."""
+"""Command line: `memdefragd report`, `run`, `defrag`, `simulate` and `check-config`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from . import __version__
+from .backends import Backend
 from .backends.kernel import KernelBackend
 from .config import DEFAULT_PATH, ConfigError, load_config
 from .model import PMD_SIZE, AccessDenied, ProcessGone, ProcessInfo
 from .report import Skipped, build_report, render_text, to_json
 from .targets import Matcher, Target, select
-from .units import parse_size
+from .units import format_size, parse_size
 
 EPILOG = """\
 Privileges: physical frame numbers (and so every contiguity figure) need CAP_SYS_ADMIN;
@@ -47,6 +49,56 @@ def _positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def _add_machine_args(p: argparse.ArgumentParser, memory: str, title: str) -> None:
+    """The aging scenario of a simulated machine (see backends/sim/aging.py)."""
+    g = p.add_argument_group(title)
+    g.add_argument(
+        "--memory", type=_size, default=None, metavar="SIZE",
+        help=f"physical memory of the simulated machine (default {memory})",
+    )  # fmt: skip
+    g.add_argument(
+        "--fragmentation", type=_fraction, default=0.7, metavar="F",
+        help="unusable free space index at order 9 to age it to (default 0.7)",
+    )  # fmt: skip
+    g.add_argument(
+        "--unmovable", type=_fraction, default=0.02, metavar="F",
+        help="fraction of frames held by the kernel, unmovable (default 0.02)",
+    )  # fmt: skip
+    g.add_argument(
+        "--unmovable-layout", choices=["scattered", "clustered"], default="scattered",
+        help="scattered: a few kernel pages in many pageblocks (default); clustered: "
+        "whole unmovable pageblocks",
+    )  # fmt: skip
+    g.add_argument(
+        "--free", type=_fraction, default=0.25, metavar="F",
+        help="fraction of memory left free after aging (default 0.25)",
+    )  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="aging seed (default 0)")
+
+
+def _scenario(args: argparse.Namespace, memory: int):  # -> backends.sim.aging.Scenario
+    from .backends.sim.aging import Scenario
+
+    return Scenario(
+        memory=args.memory if args.memory is not None else memory,
+        fragmentation=args.fragmentation,
+        unmovable=args.unmovable,
+        unmovable_layout=args.unmovable_layout,
+        free=args.free,
+        seed=args.seed,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--watch", type=_positive, metavar="SECONDS", help="repeat every SECONDS until interrupted"
     )
+    rep.add_argument(
+        "--simulated",
+        action="store_true",
+        help="report on a simulated machine aged as the options below say, not on this kernel",
+    )
+    _add_machine_args(rep, "1G", "simulated machine (with --simulated)")
     rep.set_defaults(func=cmd_report)
 
     run = sub.add_parser(
@@ -185,6 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dfr.set_defaults(func=cmd_defrag)
 
+    sim = sub.add_parser(
+        "simulate",
+        help="age a simulated machine, run one method on it, print before and after",
+        description=(
+            "Build a simulated machine, age it until its free memory is as fragmented as\n"
+            "asked, run one method over every process on it, and print the contiguity of\n"
+            "their memory before and after (pooled over all processes), the free memory's\n"
+            "unusable index, and what the method moved and why it failed where it did."
+        ),
+        epilog="Methods: none; compaction (Linux zone compaction); collapse (khugepaged's\n"
+        "copy into free 2 MiB blocks); ranger (Translation Ranger as in its RFC);\n"
+        "ranger-improved (obstacle-aware anchors, one range tree for all processes).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_machine_args(sim, "16G", "simulated machine")
+    sim.add_argument(
+        "--method",
+        default="ranger",
+        choices=["none", "compaction", "collapse", "ranger", "ranger-improved"],
+        help="what to run on it (default ranger)",
+    )
+    sim.add_argument("--json", action="store_true", help="print JSON (memdefragd.simulate/1)")
+    sim.add_argument(
+        "--png", metavar="FILE", help="also draw physical memory before and after into FILE"
+    )
+    sim.set_defaults(func=cmd_simulate)
+
     chk = sub.add_parser("check-config", help="validate a configuration file and exit")
     chk.add_argument("file", help="the YAML file to check")
     chk.set_defaults(func=cmd_check_config)
@@ -202,7 +287,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     cli = Matcher(
         comm=args.name, cgroup=args.cgroup, pids=frozenset(args.pid) if args.pid else None
     )
-    backend = KernelBackend()
+    try:
+        backend, kernel = _report_backend(args)
+    except ValueError as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
     try:
         while True:
             procs, skipped = (
@@ -211,6 +300,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             procs = [p for p in procs if cli.matches(p) and p.rss >= args.min_rss]
             chosen = [(p, t.name or None) for p, t in select(procs, targets)]
             report = build_report(backend, chosen, system=args.system, skipped=skipped)
+            if kernel:
+                report = replace(report, kernel=kernel)
             if args.json:
                 indent = None if args.watch else 2
                 print(json.dumps(to_json(report), indent=indent), flush=True)
@@ -227,9 +318,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
-def _explicit(
-    backend: KernelBackend, pids: Sequence[int]
-) -> tuple[list[ProcessInfo], list[Skipped]]:
+def _report_backend(args: argparse.Namespace) -> tuple[Backend, str]:
+    """The kernel, or with --simulated an aged simulated machine and what to call it."""
+    if not args.simulated:
+        if args.memory is not None:
+            raise ValueError("--memory describes a simulated machine: add --simulated")
+        return KernelBackend(), ""
+    from .backends.sim import SimBackend
+    from .backends.sim.aging import age
+    from .simulate import progress_bar
+
+    scenario = _scenario(args, 1 << 30)
+    machine = age(scenario, progress_bar())
+    name = (
+        f"simulated ({format_size(scenario.memory)}, fragmentation {scenario.fragmentation}, "
+        f"{scenario.unmovable:.1%} {scenario.unmovable_layout} unmovable, seed {scenario.seed})"
+    )
+    return SimBackend(machine), name
+
+
+def _explicit(backend: Backend, pids: Sequence[int]) -> tuple[list[ProcessInfo], list[Skipped]]:
     """Processes asked for by pid, and those that could not even be looked up."""
     procs, skipped = [], []
     for pid in dict.fromkeys(pids):
@@ -284,6 +392,44 @@ def cmd_defrag(args: argparse.Namespace) -> int:
         backend.close()
     print(render(result), end="")
     return 1 if result.stopped else 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import progress_bar, render, simulate, to_json
+
+    try:
+        scenario = _scenario(args, 16 << 30)
+        scenario.validate()
+    except ValueError as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    shots = None
+    if args.png:
+        from .backends.sim.render import Snapshots
+
+        shots = Snapshots()
+    try:
+        result = simulate(scenario, args.method, progress=progress_bar(), keep=shots)
+    except ValueError as e:  # a machine too small to build, a workload that cannot fit
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    if shots is not None:
+        title = (
+            f"{format_size(scenario.memory)} fragmentation {scenario.fragmentation} "
+            f"seed {scenario.seed}: {args.method}"
+        )
+        try:
+            shots.write(args.png, title)
+        except OSError as e:
+            print(f"memdefragd: --png {args.png}: {e.strerror}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(to_json(result), indent=2))
+    else:
+        print(render(result), end="")
+        if args.png:
+            print(f"  picture: {args.png}")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
