@@ -10,9 +10,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/memdefragd.yaml
 PYTEST_ARGS ?=
-APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux \
+	systemd-container debootstrap
+# (systemd-container and debootstrap: the end-to-end test of the systemd unit boots a
+# container with systemd-nspawn, in tests/deploy/)
 
-.PHONY: run test lint setup system-deps promtool clean
+.PHONY: run test lint setup system-deps promtool clean install uninstall
 
 run: setup
 	$(BIN)/memdefragd run --config $(CONFIG)
@@ -67,3 +70,99 @@ promtool:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+
+# ---------------------------------------------------------------- install / uninstall
+# make install [PREFIX=/usr/local] [DESTDIR=/staging/root]: the package and its pinned
+# dependencies (constraints.txt) in a virtualenv of its own, $(PKGLIBDIR), run by the
+# system's Python $(INSTALL_PYTHON) (not a pyenv or the dev .venv: the service must not
+# depend on a user's home); the command as $(BINDIR)/memdefragd; the systemd unit, its
+# paths set to these; /etc/memdefragd/memdefragd.yaml from etc/memdefragd.yaml unless that
+# file exists (an existing one is never replaced); the Grafana dashboard, its provisioning
+# file, the alert rules and the example config under $(DATADIR); the README in $(DOCDIR).
+# It builds from a clean copy of the sources (no stale build/ of an earlier in-tree build).
+# pip fetches the dependencies from the package index (or its cache). DESTDIR stages the
+# tree for packaging: nothing in it refers to DESTDIR. Run as root, it also runs
+# `systemctl daemon-reload` when systemd is running. `make uninstall` (same variables)
+# stops and disables the service and removes all of it, except a config you changed.
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+BINDIR ?= $(PREFIX)/bin
+PKGLIBDIR ?= $(PREFIX)/lib/memdefragd
+DATADIR ?= $(PREFIX)/share/memdefragd
+DOCDIR ?= $(PREFIX)/share/doc/memdefragd
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_EXTRAS ?= systemd
+INSTALL_APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
+# where the unit (systemd/memdefragd.service) expects things, replaced on install
+UNIT_BIN := /usr/local/bin/memdefragd
+UNIT_DOC := /usr/local/share/doc/memdefragd
+UNIT_ETC := /etc/memdefragd
+
+install:
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES='$(INSTALL_APT_PACKAGES)'
+	@set -eu; \
+	case "$(PKGLIBDIR)" in /*/memdefragd) ;; *) echo "PKGLIBDIR must be an absolute path ending in /memdefragd, not '$(PKGLIBDIR)'" >&2; exit 2;; esac; \
+	for d in "$(PREFIX)" "$(BINDIR)" "$(DATADIR)" "$(DOCDIR)" "$(UNITDIR)" "$(SYSCONFDIR)"; do \
+	  case "$$d" in /*) ;; *) echo "install paths must be absolute, not '$$d'" >&2; exit 2;; esac; done; \
+	$(INSTALL_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "$(INSTALL_PYTHON) is older than Python 3.11 (or missing): set INSTALL_PYTHON" >&2; exit 2; }; \
+	root='$(DESTDIR)'; lib="$$root$(PKGLIBDIR)"; new="$$lib.new"; \
+	rm -rf "$$new"; \
+	echo "install: virtualenv $(PKGLIBDIR) on $$($(INSTALL_PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])')"; \
+	$(INSTALL_PYTHON) -m venv "$$new"; \
+	src=$$(mktemp -d); trap 'rm -rf "$$src"' EXIT; \
+	cp -R pyproject.toml README.md memdefragd "$$src/"; \
+	find "$$src" -name __pycache__ -prune -exec rm -rf {} +; \
+	pip="$$new/bin/python -m pip --quiet --disable-pip-version-check --no-input"; \
+	if [ -n '$(INSTALL_EXTRAS)' ] && $$pip install --constraint constraints.txt "$$src[$(INSTALL_EXTRAS)]" 2>"$$src/pip.log"; then :; \
+	elif [ -n '$(INSTALL_EXTRAS)' ]; then \
+	  echo "note: extras [$(INSTALL_EXTRAS)] did not install (systemd-python needs libsystemd-dev, pkg-config, gcc and python3-dev): installing without; memdefragd then logs plain lines to stderr, which the journal keeps all the same"; \
+	  $$pip install --constraint constraints.txt "$$src"; \
+	else $$pip install --constraint constraints.txt "$$src"; fi; \
+	$$pip uninstall --yes pip setuptools; \
+	find "$$new/bin" -maxdepth 1 -type f -delete; \
+	"$$new/bin/python" -m compileall -q -f -j 0 -s "$$new" -p "$(PKGLIBDIR)" "$$new/lib" >/dev/null; \
+	sed -i '/^command = /d' "$$new/pyvenv.cfg"; \
+	printf '%s\n' '#!$(PKGLIBDIR)/bin/python3 -I' '# memdefragd, installed by `make install` (its own virtualenv, isolated mode)' \
+	  'import sys' '' 'from memdefragd.cli import main' '' 'sys.exit(main())' >"$$new/bin/memdefragd"; \
+	chmod 0755 "$$new/bin/memdefragd"; \
+	if grep -rlF "$$new" "$$new" >/dev/null 2>&1; then \
+	  echo "install: these files still name the staging path $$new:" >&2; grep -rlF "$$new" "$$new" | head >&2; exit 1; fi; \
+	rm -rf "$$lib"; mv "$$new" "$$lib"; \
+	install -d -m 0755 "$$root$(BINDIR)" "$$root$(UNITDIR)" "$$root$(DATADIR)/grafana" \
+	  "$$root$(DATADIR)/prometheus" "$$root$(DOCDIR)" "$$root$(SYSCONFDIR)/memdefragd"; \
+	ln -sfr "$$lib/bin/memdefragd" "$$root$(BINDIR)/memdefragd"; \
+	sed -e 's|$(UNIT_BIN)|$(BINDIR)/memdefragd|g' -e 's|$(UNIT_DOC)|$(DOCDIR)|g' \
+	  -e 's|$(UNIT_ETC)/|$(SYSCONFDIR)/memdefragd/|g' systemd/memdefragd.service >"$$root$(UNITDIR)/memdefragd.service"; \
+	chmod 0644 "$$root$(UNITDIR)/memdefragd.service"; \
+	install -m 0644 etc/grafana/memdefragd.json etc/grafana/provisioning.yaml "$$root$(DATADIR)/grafana/"; \
+	install -m 0644 etc/prometheus/memdefragd.rules.yml "$$root$(DATADIR)/prometheus/"; \
+	install -m 0644 etc/memdefragd.yaml "$$root$(DATADIR)/memdefragd.yaml.example"; \
+	install -m 0644 README.md "$$root$(DOCDIR)/"; \
+	conf="$$root$(SYSCONFDIR)/memdefragd/memdefragd.yaml"; \
+	if [ -e "$$conf" ] || [ -L "$$conf" ]; then \
+	  echo "install: kept the existing $(SYSCONFDIR)/memdefragd/memdefragd.yaml (the new example is $(DATADIR)/memdefragd.yaml.example)"; \
+	else install -m 0644 etc/memdefragd.yaml "$$conf"; fi; \
+	if [ -z "$$root" ] && [ -d /run/systemd/system ] && [ "$$(id -u)" = 0 ]; then \
+	  systemctl daemon-reload; \
+	  if systemctl is-active --quiet memdefragd.service; then \
+	    echo "install: memdefragd is running the previous version: systemctl restart memdefragd"; fi; fi; \
+	echo "install: done; now: systemctl enable --now memdefragd"
+
+uninstall:
+	@set -eu; \
+	case "$(PKGLIBDIR)" in /*/memdefragd) ;; *) echo "PKGLIBDIR must be an absolute path ending in /memdefragd, not '$(PKGLIBDIR)'" >&2; exit 2;; esac; \
+	root='$(DESTDIR)'; \
+	if [ -z "$$root" ] && [ -d /run/systemd/system ] && [ "$$(id -u)" = 0 ]; then \
+	  systemctl disable --now memdefragd.service 2>/dev/null || true; fi; \
+	conf="$$root$(SYSCONFDIR)/memdefragd/memdefragd.yaml"; \
+	if [ -f "$$conf" ] && cmp -s "$$conf" "$$root$(DATADIR)/memdefragd.yaml.example"; then rm -f "$$conf"; \
+	elif [ -e "$$conf" ]; then echo "uninstall: kept $(SYSCONFDIR)/memdefragd/memdefragd.yaml: it differs from the example installed (remove it yourself)"; fi; \
+	rmdir "$$root$(SYSCONFDIR)/memdefragd" 2>/dev/null || true; \
+	rm -f "$$root$(UNITDIR)/memdefragd.service"; \
+	if [ -L "$$root$(BINDIR)/memdefragd" ]; then rm -f "$$root$(BINDIR)/memdefragd"; fi; \
+	rm -rf "$$root$(PKGLIBDIR)" "$$root$(PKGLIBDIR).new" "$$root$(DATADIR)" "$$root$(DOCDIR)"; \
+	if [ -z "$$root" ] && [ -d /run/systemd/system ] && [ "$$(id -u)" = 0 ]; then systemctl daemon-reload; fi; \
+	echo "uninstall: done"
