@@ -4,6 +4,10 @@
                                  [--skip-khugepaged] [--khugepaged-timeout 330]
                                  [--idle-seconds 60] [--idle-targets 20]
 
+The daemons run unpaced and without access-aware priority (`pacing.latency_sensitive:
+false`, `access.source: off`): this measures raw speed; benchmarks/latency.py measures
+what pacing costs the conversion and buys the target.
+
 Every target is a child of this script: one anonymous mapping at a 2 MiB-aligned address,
 populated with 4 KiB pages (THP enabled=madvise and no MADV_HUGEPAGE, so faults map small
 pages), its comm set to a name no other process has. Each daemon is `memdefragd run` as a
@@ -325,6 +329,10 @@ class Daemon:
                 f"  scan_interval: {self.scan_interval:g}s\n"
                 "  budget:\n    bytes_per_second: 8GiB\n    cpu_share: 1.0\n"
                 "  pressure:\n    psi_some_avg10: 100\n    min_available: 0\n"
+                # Raw speed against the kernel: no pacing, no wait for an access window
+                # (benchmarks/latency.py measures what pacing costs and buys).
+                "  pacing:\n    latency_sensitive: false\n"
+                "  access:\n    source: off\n"
                 "  metrics:\n    listen: 127.0.0.1:0\n"
                 "targets:\n  - name: bench\n    match:\n"
                 f"      comm: {json.dumps(self.comm_regex)}\n"

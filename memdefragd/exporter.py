@@ -65,6 +65,9 @@ class Histogram:
 
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCAN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+PACING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+RESTORE_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+HEATS = ("hot", "cold", "untouched", "unknown")  # as scheduler.HEATS
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,14 @@ class Snapshot:
     cpu_limit: float
     queue_bytes: int
     memory: MemoryState | None
+    # Gentle and persistent (issue 7), by target unless said otherwise.
+    pending: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, heat)
+    untouched: Mapping[str, int] = field(default_factory=dict)  # held back, nobody touched
+    forks: Mapping[str, int] = field(default_factory=dict)
+    regressions: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, cause)
+    recollapsed: Mapping[str, int] = field(default_factory=dict)  # bytes
+    fork_restore: Mapping[str, Histogram] = field(default_factory=dict)
+    pacing: Mapping[str, Histogram] = field(default_factory=dict)
 
 
 def target_figures(
@@ -280,11 +291,62 @@ def _system(s: Snapshot) -> Iterator[Metric]:
     yield idx
 
 
+def _persistence(s: Snapshot) -> Iterator[Metric]:
+    """Pacing, access-aware priority and re-collapse after forks and regressions."""
+    pend = GaugeMetricFamily(
+        f"{NS}_pending_bytes",
+        "Bytes planned and not yet done, by how hot their regions are (hot: at least half "
+        "their pages accessed in the last window; untouched: none, queued last or, with "
+        "access.untouched skip, held back; unknown: not measured).",
+        labels=["target", "heat"],
+    )
+    targets = sorted({t for t, _ in s.pending} | set(s.untouched) | set(s.targets))
+    for t in targets:
+        for heat in HEATS:
+            n = s.pending.get((t, heat), 0) + (s.untouched.get(t, 0) if heat == "untouched" else 0)
+            pend.add_metric([t, heat], n)
+    yield pend
+    forks = CounterMetricFamily(
+        f"{NS}_forks", "Forks of tracked processes (their huge pages may split by copy-on-write).",
+        labels=["target"],
+    )  # fmt: skip
+    for t, n in sorted(s.forks.items()):
+        forks.add_metric([t], n)
+    yield forks
+    reg = CounterMetricFamily(
+        f"{NS}_regressions",
+        "Times huge regions of a process were found split again, by cause (fork: after a "
+        "fork child exited; drop: coverage fell otherwise).",
+        labels=["target", "cause"],
+    )
+    for (t, cause), n in sorted(s.regressions.items()):
+        reg.add_metric([t, cause], n)
+    yield reg
+    rec = CounterMetricFamily(
+        f"{NS}_recollapsed_bytes", "Bytes made huge again after they had been split.",
+        labels=["target"],
+    )  # fmt: skip
+    for t, n in sorted(s.recollapsed.items()):
+        rec.add_metric([t], n)
+    yield rec
+    for name, data, doc in (
+        ("fork_restore_seconds", s.fork_restore,
+         "From a fork child's exit to its parent's THP coverage being restored."),
+        ("pacing_delay_seconds", s.pacing,
+         "Rest imposed on a latency-sensitive target after each request."),
+    ):  # fmt: skip
+        h = HistogramMetricFamily(f"{NS}_{name}", doc, labels=["target"])
+        for t, hist in sorted(data.items()):
+            h.add_metric([t], hist.cumulative(), hist.total)
+        yield h
+
+
 COLLECTORS: dict[str, Callable[[Snapshot], Iterator[Metric]]] = {
     "targets": _targets,
     "work": _work,
     "state": _state,
     "system": _system,
+    "persistence": _persistence,
 }
 
 

@@ -60,6 +60,7 @@ class VmaMetrics:
     # scheduler (None otherwise).
     collapsible_vpns: np.ndarray | None = None
     collapsible_present: np.ndarray | None = None
+    thp_vpns: np.ndarray | None = None  # with collect=True: first vpn of each huge region
 
     @property
     def thp_coverage(self) -> float | None:
@@ -182,6 +183,7 @@ class VmaAccumulator:
         self.collect = collect
         self.found_vpns: list[np.ndarray] = []
         self.found_present: list[np.ndarray] = []
+        self.found_thp: list[np.ndarray] = []
         self.pfn_known = pfn_known
         self.need = max(pmd_pages - max_ptes_none, 1)
         self.eligible = collapse_eligible
@@ -214,6 +216,8 @@ class VmaAccumulator:
         flagged = np.flatnonzero(layout.thp)  # a region is huge only if all its pages are
         is_thp = full & (np.diff(np.searchsorted(flagged, pos)) == self.pmd)
         self.thp_regions += int(np.count_nonzero(is_thp))
+        if self.collect:
+            self.found_thp.append(bounds[:-1][is_thp])
         if self.eligible:
             can = ~is_thp & (present >= self.need)
             self.collapsible += int(np.count_nonzero(can))
@@ -266,6 +270,7 @@ class VmaAccumulator:
             run_hist=hist,
             collapsible_vpns=_cat(self.found_vpns, np.uint64) if self.collect else None,
             collapsible_present=_cat(self.found_present, np.int64) if self.collect else None,
+            thp_vpns=_cat(self.found_thp, np.uint64) if self.collect else None,
         )
 
 

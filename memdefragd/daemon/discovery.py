@@ -19,6 +19,11 @@ the proc connector is unavailable (a network namespace other than the host's ref
 subscription; a nested PID or user namespace gets none or foreign pids), `start()` logs
 it once and discovery falls back to listing every `fallback_interval` seconds.
 
+Forks of tracked processes are reported too (`Changes.forked`, from the parent's pid
+that FORK events carry, as the extra event ``("forked", (parent, child))``), and so are
+the exits and execs of those children (`Changes.fork_exited`, `Changes.execd`): the
+daemon re-collapses what copy-on-write split in the parent once its child is gone.
+
 Identity is pid plus start time: a pid whose start time changed is another process (the
 old one is dropped as "pid reused", the new one considered afresh). A process that
 vanishes between an event and its lookup is a normal race: counted, never raised.
@@ -65,7 +70,8 @@ KTHREADD_PID = 2  # parent of every kernel thread: its forks are never user proc
 
 LOOKUP_KINDS = frozenset({"exec", "fork", "comm", "uid"})
 
-Event = tuple[str, Any]  # ("exec"|"fork"|"comm"|"uid"|"exit", tgid) or ("lost", reason)
+# ("exec"|"fork"|"comm"|"uid"|"exit", tgid), ("forked", (parent, child)) or ("lost", reason)
+Event = tuple[str, Any]
 
 _MAX_QUEUE = 200_000  # events buffered for the consumer before we call them lost
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
@@ -100,15 +106,23 @@ class Changes:
     `added`: pid -> target name; `dropped`: pid -> reason (EXITED, NO_MATCH, REUSED);
     `retargeted`: pid -> target name, for a tracked process now claimed by another (or a
     changed) target. A pid can be both dropped and added: its old process was dropped
-    (pid reused) and the new one added.
+    (pid reused) and the new one added. `forked`: child -> parent, for forks of tracked
+    processes; `fork_exited`: child -> parent, when such a child exits (or is found gone);
+    `execd`: such children that exec'd (they share nothing with the parent any more).
     """
 
     added: Mapping[int, str] = field(default_factory=_frozen)
     dropped: Mapping[int, str] = field(default_factory=_frozen)
     retargeted: Mapping[int, str] = field(default_factory=_frozen)
+    forked: Mapping[int, int] = field(default_factory=_frozen)
+    fork_exited: Mapping[int, int] = field(default_factory=_frozen)
+    execd: frozenset[int] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.dropped or self.retargeted)
+        return bool(
+            self.added or self.dropped or self.retargeted or self.forked or self.fork_exited
+            or self.execd
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- pure part
@@ -174,6 +188,15 @@ def reduce_events(events: Iterable[Event]) -> tuple[list[str], set[int], set[int
             last[arg] = "lookup"
     lookups = {pid for pid, k in last.items() if k == "lookup"}
     return lost, lookups, set(last) - lookups
+
+
+def fork_of(msg: Mapping[str, Any]) -> Event | None:
+    """("forked", (parent tgid, child tgid)) for a FORK message that made a process."""
+    if msg.get("what") != PROC_EVENT_FORK or msg["child_pid"] != msg["child_tgid"]:
+        return None
+    if msg["parent_tgid"] == KTHREADD_PID:
+        return None
+    return ("forked", (msg["parent_tgid"], msg["child_tgid"]))
 
 
 def translate(msg: Mapping[str, Any]) -> Event | None:
@@ -362,6 +385,9 @@ class ProcEvents:
             for msg in msgs:
                 if msg.get("header", {}).get("error") is not None:
                     raise OSError(f"netlink error message: {msg['header']['error']}")
+                forked = fork_of(msg)
+                if forked is not None:
+                    self._put(forked)
                 event = translate(msg)
                 if event is not None:
                     self.counters["events"] += 1
@@ -487,6 +513,7 @@ class Discovery:
         self.clock = clock
         self.sleep = sleep
         self.tracked: dict[int, Tracked] = {}
+        self.fork_children: dict[int, int] = {}  # child -> tracked parent, until exec/exit
         self.counters: dict[str, int] = dict.fromkeys(
             ("rescans", "events", "lost", "lookups", "vanished", "denied", "open_failed"), 0
         )
@@ -509,7 +536,13 @@ class Discovery:
                 scope.discard(pid)  # keep it as it is: we cannot tell
             elif info is not None:
                 seen[pid] = info
-        return self._apply(plan(self._current(), seen.values(), self.targets, scope))
+        changes = self._apply(plan(self._current(), seen.values(), self.targets, scope))
+        gone = {c: p for c, p in self.fork_children.items() if c not in seen}
+        if not gone:
+            return changes
+        for child in gone:
+            del self.fork_children[child]
+        return replace(changes, fork_exited=_frozen(gone))
 
     def poll(self, timeout: float) -> Changes:
         """Wait up to `timeout` seconds for changes: process events (or, without them, a
@@ -555,11 +588,18 @@ class Discovery:
         if not events:
             return Changes()
         self.counters["events"] += len(events)
+        forked, fork_exited, execd = self._forks(events)
         lost, lookups, exits = reduce_events(events)
         if lost:
             self.counters["lost"] += 1
             log.debug("proc events lost (%s): full rescan", "; ".join(lost))
-            return self.rescan()
+            changes = self.rescan()
+            return replace(
+                changes,
+                forked=_frozen(forked),
+                fork_exited=_frozen({**fork_exited, **changes.fork_exited}),
+                execd=frozenset(execd),
+            )
         drop = tuple((pid, EXITED) for pid in sorted(exits) if pid in self.tracked)
         seen, scope = [], set()
         for pid in sorted(lookups):
@@ -570,7 +610,33 @@ class Discovery:
             if info is not None:
                 seen.append(info)
         p = plan(self._current(), seen, self.targets, scope)
-        return self._apply(Plan(drop + p.drop, p.keep, p.add))
+        changes = self._apply(Plan(drop + p.drop, p.keep, p.add))
+        if forked or fork_exited or execd:
+            changes = replace(
+                changes,
+                forked=_frozen(forked),
+                fork_exited=_frozen(fork_exited),
+                execd=frozenset(execd),
+            )
+        return changes
+
+    def _forks(self, events: Sequence[Event]) -> tuple[dict[int, int], dict[int, int], set[int]]:
+        """Forks of tracked processes in this batch, and exits and execs of their children,
+        in event order (a child may fork, exec and exit within one batch)."""
+        forked: dict[int, int] = {}
+        exited: dict[int, int] = {}
+        execd: set[int] = set()
+        for kind, arg in events:
+            if kind == "forked":
+                parent, child = arg
+                if parent in self.tracked:
+                    self.fork_children[child] = forked[child] = parent
+            elif kind == "exec" and arg in self.fork_children:
+                del self.fork_children[arg]
+                execd.add(arg)
+            elif kind == "exit" and arg in self.fork_children:
+                exited[arg] = self.fork_children.pop(arg)
+        return forked, exited, execd
 
     # -- internals
 

@@ -3,6 +3,13 @@
 Everything that blocks is bounded: waits are short (signals and proc events are seen
 within half a second), a request is at most one chunk and checks for SIGTERM between 2 MiB
 regions, and every race with an exiting process ends as a counted, logged-once event.
+
+Gentle and persistent (issue 7): latency-sensitive targets are paced (one region, then a
+rest the scheduler derives from the call's duration; the loop sleeps until the next
+request may go, in steps of at most WAIT_STEP); regions are ranked by how hot they are
+(`access.py`), and a process's work waits for its first access measurement; regions that
+were huge and were split again (forks, purges: `regress.py`) go first, and a fork child's
+exit makes its parent be re-scanned at once.
 """
 
 from __future__ import annotations
@@ -21,9 +28,19 @@ from ..backends import Backend, open_backend
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_refusal  # noqa: F401  (cli imports it from here)
 from ..config import Config, load_config
-from ..exporter import REQUEST_BUCKETS, SCAN_BUCKETS, Histogram, Snapshot, serve, target_figures
+from ..exporter import (
+    PACING_BUCKETS,
+    REQUEST_BUCKETS,
+    RESTORE_BUCKETS,
+    SCAN_BUCKETS,
+    Histogram,
+    Snapshot,
+    serve,
+    target_figures,
+)
 from ..model import (
     PAGE_SIZE,
+    PMD_PAGES,
     PMD_SIZE,
     AccessDenied,
     MemoryState,
@@ -33,8 +50,10 @@ from ..model import (
     Vma,
 )
 from ..report import ProcessReport, scan_process
-from .discovery import Discovery, ProcEvents, Tracked
+from .access import FIRST_WINDOW, AccessSampler, open_sampler
+from .discovery import Changes, Discovery, ProcEvents, Tracked
 from .logs import once as log_once
+from .regress import Forks, HugeMemory, coverage
 from .scheduler import Candidate, Scheduler, SchedulerSettings
 from .systemd import Notifier, Watchdog, watchdog_interval
 
@@ -42,6 +61,7 @@ log = logging.getLogger("memdefragd")
 
 WAIT_STEP = 0.5  # longest sleep: how late a signal or a process event may be noticed
 PRESSURE_EVERY = 1.0  # seconds between readings of PSI and MemAvailable while working
+PUBLISH_EVERY = 0.25  # seconds between snapshots for scrapes while requests follow quickly
 
 
 @dataclass
@@ -65,6 +85,13 @@ class Stats:
     request_seconds: dict[str, Histogram] = field(default_factory=dict)  # by method
     scan_hist: Histogram = field(default_factory=lambda: Histogram(SCAN_BUCKETS))
     outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
+    # Gentle and persistent, by target: forks seen, regressions (cause: fork or drop),
+    # bytes made huge again, fork child exit -> coverage restored, rests between requests.
+    forks: Counter[str] = field(default_factory=Counter)
+    regressions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    recollapsed: Counter[str] = field(default_factory=Counter)
+    fork_restore: dict[str, Histogram] = field(default_factory=dict)
+    pacing: dict[str, Histogram] = field(default_factory=dict)
 
     def record(self, outcome: Outcome, verified: int) -> None:
         target, method = outcome.request.target, outcome.request.method
@@ -104,7 +131,28 @@ def scheduler_settings(config: Config) -> SchedulerSettings:
         cooldown_by_target={
             n: o.cooldown for n, o in config.overrides.items() if o.cooldown is not None
         },
+        duty_cycle=d.duty_cycle if d.latency_sensitive else None,
+        duty_by_target={t.name: duty_of(config, t.name) for t in config.targets},
+        max_pause=d.max_pause,
+        collapse_untouched=d.access_untouched == "last",
     )
+
+
+def duty_of(config: Config, target: str) -> float | None:
+    """A target's duty cycle, None when it is not latency-sensitive (so not paced).
+
+    A target's own `latency_sensitive` wins; a target that sets only `duty_cycle` asks
+    for pacing; otherwise the daemon's `pacing.latency_sensitive` (true by default).
+    """
+    d, o = config.daemon, config.overrides.get(target)
+    sensitive = d.latency_sensitive
+    if o is not None and o.latency_sensitive is not None:
+        sensitive = o.latency_sensitive
+    elif o is not None and o.duty_cycle is not None:
+        sensitive = True
+    if not sensitive:
+        return None
+    return o.duty_cycle if o is not None and o.duty_cycle is not None else d.duty_cycle
 
 
 def config_methods(config: Config) -> set[str]:
@@ -147,6 +195,15 @@ class Daemon:
             self.backend, config.targets, self.events, opener=self.backend.open
         )
         self.compactor = Compactor(config.daemon.compaction_interval)
+        self.access: AccessSampler | None = None  # opened by run(), for kernel targets
+        self.forks = Forks()
+        self.huge = HugeMemory()
+        self._hotness: dict[int, dict[int, np.ndarray]] = {}  # pid -> VMA start -> per region
+        self._urgent: dict[int, np.ndarray] = {}  # pid -> regions split since they were huge
+        self._measure_at: dict[int, float] = {}  # pid -> when its first access window ends
+        self._waiting: dict[int, float] = {}  # pid -> since when it waits for access figures
+        self._made_huge: dict[int, int] = {}  # pid -> regions verified huge since its scan
+        self._published = float("-inf")
         self.reports: dict[int, ProcessReport] = {}  # latest scan per pid
         self.paused: str | None = None
         self._last_pressure = float("-inf")
@@ -179,6 +236,9 @@ class Daemon:
     def run(self, *, once: bool = False) -> int:
         if self.events is not None:
             self.events.start()
+        if not once and not self.dry_run:  # both would act on targets only to throw it away
+            self.access, how = open_sampler(self.config.daemon.access_source, self.backend.name)
+            log.info("%s", how)
         listen = self.config.daemon.metrics_listen
         if listen and not once:
             host, port = listen
@@ -215,6 +275,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             log.info("stopping: %s", self.status_line())
+            if self.access is not None:
+                self.access.close()  # our kdamond, if we made one
             self.discovery.close()
             if self.events is not None:
                 self.events.stop()
@@ -230,6 +292,10 @@ class Daemon:
             self._reload.clear()
             self.reload()
         now = self.clock()
+        due = [pid for pid, t in self._measure_at.items() if t <= now]
+        for pid in due:
+            del self._measure_at[pid]
+        self._dirty.update(due)
         if now >= self._next_scan or self._dirty:
             full = now >= self._next_scan
             self.scan_cycle(full=full)
@@ -241,15 +307,46 @@ class Daemon:
         if self.scheduler.queue_length and self.clock() - self._last_pressure >= PRESSURE_EVERY:
             self.update_pressure(self.backend.pressure_state())
         if not self.work_once():
-            self.wait(min(WAIT_STEP, max(0.0, self._next_scan - self.clock())))
+            now = self.clock()
+            wake = [self._next_scan, *self._measure_at.values()]
+            ready = self.scheduler.next_ready(now)
+            if ready is not None:
+                wake.append(ready)
+            self.wait(min(WAIT_STEP, max(0.0, min(wake) - now)))
         return False
 
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout`, waking early for process events (which may add targets)."""
         changes = self.discovery.poll(timeout)
+        if changes.forked or changes.fork_exited or changes.execd:
+            self.forked(changes)  # first: a fork child may be among the dropped
         for pid in changes.dropped:
             self.forget(pid)
         self._dirty |= set(changes.added) | set(changes.retargeted)
+
+    def forked(self, changes: Changes) -> None:
+        """Forks of tracked processes: hold parent and child back while they share memory
+        copy-on-write; when the child is gone, re-scan the parent now (its split regions
+        come back urgent, see scan_one)."""
+        now = self.clock()
+        for child, parent in changes.forked.items():
+            tracked = self.discovery.tracked.get(parent)
+            if tracked is None:
+                continue
+            cov = self.coverage_now(parent)
+            self.forks.fork(parent, child, tracked.target.name, now, cov)
+            self.stats.forks[tracked.target.name] += 1
+            log.info(
+                "pid %d (%s) forked pid %d: holding both back while they share memory "
+                "copy-on-write (THP coverage %s before)",
+                parent, tracked.target.name, child, "unknown" if cov is None else f"{cov:.0%}",
+            )  # fmt: skip
+        for child in changes.execd:
+            self.forks.execd(child)
+        for child, parent in changes.fork_exited.items():
+            if self.forks.exited(child, now) is not None and parent in self.discovery.tracked:
+                log.info("pid %d's fork child %d exited: re-scanning it", parent, child)
+                self._dirty.add(parent)
 
     def ping(self) -> None:
         now = self.clock()
@@ -273,8 +370,14 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", e)
             self.notifier.ready(f"reload failed, old config kept: {str(e).splitlines()[0]}")
             return
-        self.config = new
+        old_source, self.config = self.config.daemon.access_source, new
         self.scheduler = Scheduler(scheduler_settings(new))
+        if new.daemon.access_source != old_source and not self.dry_run:
+            if self.access is not None:
+                self.access.close()
+            self.access, how = open_sampler(new.daemon.access_source, self.backend.name)
+            self._hotness.clear()
+            log.info("%s", how)
         self.discovery.set_targets(new.targets)
         self.compactor = Compactor(new.daemon.compaction_interval)
         self.stats.reloads["ok"] += 1
@@ -287,12 +390,19 @@ class Daemon:
     def scan_cycle(self, *, full: bool) -> None:
         """Scan every tracked process (or only new ones), then plan afresh."""
         if full:
-            for pid in self.discovery.rescan().dropped:
+            changes = self.discovery.rescan()
+            if changes.fork_exited:
+                self.forked(changes)
+            for pid in changes.dropped:
                 self.forget(pid)
             pids = list(self.discovery.tracked)
         else:
             pids = [p for p in self._dirty if p in self.discovery.tracked]
         self._dirty.clear()
+        if self.access is not None:
+            self.access.watch({pid: t.proc for pid, t in self.discovery.tracked.items()})
+            if full:
+                self.access.refresh()
         state = self.memory = self.backend.memory_state()
         for pid in pids:
             tracked = self.discovery.tracked.get(pid)
@@ -335,24 +445,107 @@ class Daemon:
         self.stats.pages_scanned += rep.totals.present_pages
         self.reports[tracked.proc.pid] = rep
         self._tried.pop(tracked.proc.pid, None)
+        self._made_huge[tracked.proc.pid] = 0
+        self.regressions(tracked, rep)
+        if self.access is not None:
+            self.measure(tracked, rep)
+
+    def regressions(self, tracked: Tracked, rep: ProcessReport) -> None:
+        """Regions seen huge before and collapsible now go first (`_urgent`)."""
+        pid, target = tracked.proc.pid, tracked.target.name
+        huge, coll = _regions(rep)
+        split = self.huge.scanned(pid, huge, coll)
+        before = self._urgent.get(pid, np.zeros(0, np.uint64))
+        urgent = coll[split]
+        self._urgent[pid] = urgent
+        new = int(np.count_nonzero(~np.isin(urgent, before)))
+        cov = coverage(rep.totals.thp_regions, rep.totals.aligned_regions)
+        if new:
+            cause = "fork" if self.forks.forking(pid) else "drop"
+            self.stats.regressions[target, cause] += 1
+            log.info(
+                "pid %d (%s): %d MiB that were huge are split again (%s; THP coverage now "
+                "%s): re-queued first",
+                pid, target, new * PMD_SIZE >> 20,
+                "after a fork" if cause == "fork" else "coverage fell",
+                "unknown" if cov is None else f"{cov:.0%}",
+            )  # fmt: skip
+        elif pid in self.forks.restoring and not urgent.size:
+            del self.forks.restoring[pid]  # the fork split nothing: nothing to restore
+        self.restored(pid, cov)
+
+    def coverage_now(self, pid: int) -> float | None:
+        """THP coverage at the last scan plus the regions verified huge since."""
+        rep = self.reports.get(pid)
+        if rep is None:
+            return None
+        t = rep.totals
+        return coverage(t.thp_regions + self._made_huge.get(pid, 0), t.aligned_regions)
+
+    def restored(self, pid: int, cov: float | None) -> None:
+        done = self.forks.restored(pid, cov, self.clock())
+        if done is not None:
+            target, seconds = done
+            self.stats.fork_restore.setdefault(target, Histogram(RESTORE_BUCKETS)).observe(seconds)
+            log.info("pid %d (%s): THP coverage restored %.1f s after its fork child exited",
+                     pid, target, seconds)  # fmt: skip
+
+    def measure(self, tracked: Tracked, rep: ProcessReport) -> None:
+        """This scan's access figures (hotness per region), if a window has ended."""
+        pid = tracked.proc.pid
+        pairs = [(v.vma, _collapsible(v.metrics)) for v in rep.vmas]
+        try:
+            hot = self.access.hotness(tracked.proc, pairs)  # type: ignore[union-attr]
+        except (ProcessGone, AccessDenied):
+            return
+        if hot is None:
+            now = self.clock()
+            waiting = self._waiting.setdefault(pid, now)
+            window = min(FIRST_WINDOW, self.config.daemon.scan_interval)
+            if pid in self._hotness:
+                return  # keeps its last figures
+            if now - waiting > 3 * window + self.config.daemon.scan_interval:
+                self._hotness[pid] = {}  # no figures coming (a refusal): rank it unmeasured
+                log.info("pid %d (%s): no access figures, working on it without them",
+                         pid, tracked.target.name)  # fmt: skip
+            elif pid not in self._measure_at:
+                self._measure_at[pid] = now + window
+            return
+        self._waiting.pop(pid, None)
+        self._hotness[pid] = {v.start: h for (v, _), h in zip(pairs, hot, strict=True)}
 
     def candidates(self) -> list[Candidate]:
         out = []
+        now = self.clock()
         for pid, rep in self.reports.items():
             tracked = self.discovery.tracked.get(pid)
-            if tracked is None:
+            if tracked is None or self.forks.held(pid, now):
                 continue
             target = tracked.target
             if self.dry_run:
                 target = replace(target, mode="observe")
             tried = self._tried.get(pid)
+            urgent = self._urgent.get(pid)
+            hot = self._hotness.get(pid)
+            if self.access is not None and hot is None and not (urgent is not None and urgent.size):
+                continue  # first access window not over: do not collapse blind
             for v in rep.vmas:
                 if v.metrics.collapsible_vpns is None or not v.metrics.collapsible_vpns.size:
                     continue
-                c = Candidate.from_metrics(target, pid, tracked.proc.start_time, v.vma, v.metrics)
+                c = Candidate.from_metrics(
+                    target, pid, tracked.proc.start_time, v.vma, v.metrics,
+                    hotness=None if hot is None else hot.get(v.vma.start),
+                    urgent=None if urgent is None or not urgent.size else np.isin(
+                        _collapsible(v.metrics), urgent
+                    ),
+                )  # fmt: skip
                 if tried:
                     fresh = ~np.isin(c.regions, np.fromiter(tried, np.uint64, len(tried)))
-                    c = replace(c, regions=c.regions[fresh], present=c.present[fresh])
+                    c = replace(
+                        c, regions=c.regions[fresh], present=c.present[fresh],
+                        hotness=None if c.hotness is None else c.hotness[fresh],
+                        urgent=None if c.urgent is None else c.urgent[fresh],
+                    )  # fmt: skip
                 out.append(c)
         return out
 
@@ -391,37 +584,65 @@ class Daemon:
         outcome = self.backend.execute(tracked.handle, req, should_stop=self._stop.is_set)
         sent = [a for lo, hi in req.ranges for a in range(lo, hi, PMD_SIZE)]
         self._tried.setdefault(req.pid, set()).update(sent[: outcome.bytes_attempted // PMD_SIZE])
-        verified = self.verify(tracked, req) if outcome.bytes_done else 0
+        verified, huge = self.verify(tracked, req) if outcome.bytes_done else (0, _NONE)
         self.scheduler.record(outcome, self.clock())
         self.stats.record(outcome, verified)
-        self.after(outcome, verified, tracked)
-        self.publish()
+        rest = self.persisted(tracked, req, huge)
+        self.after(outcome, verified, tracked, rest)
+        if self.clock() - self._published >= PUBLISH_EVERY or not self.scheduler.queue_length:
+            self.publish()
         return True
+
+    def persisted(self, tracked: Tracked, req: Request, huge: np.ndarray) -> float | None:
+        """Book what a request made huge (urgent regions mended, coverage restored); the
+        rest the scheduler imposed after it, None when the target is not paced."""
+        pid, target = req.pid, req.target
+        self.huge.made_huge(pid, huge)
+        urgent = self._urgent.get(pid)
+        if urgent is not None and urgent.size and huge.size:
+            mended = np.isin(urgent, huge)
+            self.stats.recollapsed[target] += int(np.count_nonzero(mended)) * PMD_SIZE
+            self._urgent[pid] = urgent[~mended]
+        self._made_huge[pid] = self._made_huge.get(pid, 0) + int(huge.size)
+        if pid in self.forks.restoring:
+            self.restored(pid, self.coverage_now(pid))
+        if self.scheduler.settings.duty_for(target) is None:
+            return None
+        pace = self.scheduler.pacer.paces.get(target)
+        rest = pace.last_delay if pace is not None else 0.0
+        self.stats.pacing.setdefault(target, Histogram(PACING_BUCKETS)).observe(rest)
+        return rest
 
     def method_for(self, target: str) -> str:
         o = self.config.overrides.get(target)
         return o.method if o is not None and o.method else self.config.daemon.method
 
-    def verify(self, tracked: Tracked, req: Request) -> int:
-        """Bytes of the request's ranges that are now PMD-mapped, by a fresh scan."""
+    def verify(self, tracked: Tracked, req: Request) -> tuple[int, np.ndarray]:
+        """Bytes of the request's ranges that are now PMD-mapped, by a fresh scan, and the
+        2 MiB regions (addresses) that are wholly so."""
         vmas = [Vma(lo, hi, "rw-p", 0, "00:00", 0, "") for lo, hi in req.ranges]
+        pages, heads = 0, []
         try:
-            huge = sum(
-                int(np.count_nonzero(w.thp))
-                for _, w in self.backend.iter_layouts(tracked.proc, vmas)
-            )
+            for _, w in self.backend.iter_layouts(tracked.proc, vmas):
+                vpn = w.vpn[w.thp]
+                pages += int(vpn.size)
+                h, n = np.unique(vpn // PMD_PAGES, return_counts=True)
+                heads.append(h[n == PMD_PAGES] * np.uint64(PMD_SIZE))
         except (ProcessGone, AccessDenied):
-            return 0
-        return huge * PAGE_SIZE
+            return 0, _NONE
+        return pages * PAGE_SIZE, np.concatenate(heads) if heads else _NONE
 
-    def after(self, outcome: Outcome, verified: int, tracked: Tracked) -> None:
+    def after(
+        self, outcome: Outcome, verified: int, tracked: Tracked, rest: float | None = None
+    ) -> None:
         req = outcome.request
         log.info(
-            "%s pid %d (%s) %s: %d MiB attempted, %d MiB done, %d MiB verified, %.0f ms%s",
+            "%s pid %d (%s) %s: %d MiB attempted, %d MiB done, %d MiB verified, %.0f ms%s%s",
             req.method, req.pid, tracked.target.name, f"0x{req.ranges[0][0]:x}",
             outcome.bytes_attempted >> 20, outcome.bytes_done >> 20, verified >> 20,
             outcome.duration * 1e3,
             "" if not outcome.failures else f", failures {dict(outcome.failures)}",
+            "" if rest is None else f", pace {rest * 1e3:.0f} ms",
         )  # fmt: skip
         if outcome.stopped in ("ESRCH",):
             self.stats.races["exited"] += 1
@@ -441,6 +662,7 @@ class Daemon:
     def publish(self) -> None:
         """Hand scrapes a consistent copy (one reference assignment: atomic for them)."""
         self.published = self.snapshot()
+        self._published = self.clock()
 
     def snapshot(self) -> Snapshot:
         s, sched = self.stats, self.scheduler.snapshot(self.clock())
@@ -478,12 +700,23 @@ class Daemon:
             cpu_limit=sched.cpu_limit,
             queue_bytes=sched.queue_bytes,
             memory=memory,
+            pending=dict(sched.pending),
+            untouched=dict(sched.untouched),
+            forks=dict(s.forks),
+            regressions=dict(s.regressions),
+            recollapsed=dict(s.recollapsed),
+            fork_restore={t: h.copy() for t, h in s.fork_restore.items()},
+            pacing={t: h.copy() for t, h in s.pacing.items()},
         )
 
     def forget(self, pid: int) -> None:
         self.reports.pop(pid, None)
         self._tried.pop(pid, None)
         self.scheduler.forget(pid)
+        self.huge.forget(pid)
+        self.forks.forget(pid)
+        for d in (self._hotness, self._urgent, self._measure_at, self._made_huge, self._waiting):
+            d.pop(pid, None)
 
     def status_line(self) -> str:
         s = self.stats
@@ -493,6 +726,27 @@ class Daemon:
             f"{len(self.discovery.tracked)} process(es) tracked, {s.cycles} cycle(s), "
             f"{done} MiB made huge{paused}"
         )
+
+
+_NONE = np.zeros(0, dtype=np.uint64)
+
+
+def _collapsible(m) -> np.ndarray:
+    """A VMA's collapsible regions as byte addresses (as Candidate.from_metrics has them)."""
+    if m.collapsible_vpns is None:
+        return _NONE
+    return m.collapsible_vpns.astype(np.uint64) * np.uint64(PAGE_SIZE)
+
+
+def _regions(rep: ProcessReport) -> tuple[np.ndarray, np.ndarray]:
+    """A scan's huge and collapsible regions over all its VMAs, as byte addresses."""
+    huge = [v.metrics.thp_vpns for v in rep.vmas if v.metrics.thp_vpns is not None]
+    coll = [_collapsible(v.metrics) for v in rep.vmas]
+    page = np.uint64(PAGE_SIZE)
+    return (
+        np.concatenate(huge).astype(np.uint64) * page if huge else _NONE,
+        np.concatenate(coll) if coll else _NONE,
+    )
 
 
 def default_events() -> bool:

@@ -56,7 +56,15 @@ def require_kernel(condition: object, reason: str) -> None:
 #
 # It maps size + 4 MiB and unmaps the unaligned head and tail, both non-empty, so the VMA
 # starts and ends next to a hole; MADV_DONTFORK gives it flags no ordinary anonymous mapping
-# has, so nothing the interpreter maps later into those holes can merge with it.
+# has, so nothing the interpreter maps later into those holes can merge with it. With
+# `forkable`, MADV_DONTDUMP does that instead, so that a fork shares the mapping.
+#
+# `guard` offsets become PROT_NONE pages (splitting the mapping into VMAs for good); `hot`
+# lists [off, len, every]: a thread reads one byte of every `every`-th page there, for ever.
+# A "fork" line on stdin (pattern mode) forks: the parent rewrites every touched page with
+# the bytes it already holds (a write: copy-on-write splits its huge pages while the child
+# still shares them), then the child overwrites its own copy with garbage and exits; the
+# answer {"child": pid} comes once the child is reaped.
 CHILD_SCRIPT = r"""
 import ctypes, json, os, sys
 
@@ -88,7 +96,7 @@ if raw is None or raw == ctypes.c_void_p(-1).value:
 addr = (raw + PMD) & ~(PMD - 1)
 check(libc.munmap(raw, addr - raw), "munmap head")
 check(libc.munmap(addr + size, raw + size + 2 * PMD - (addr + size)), "munmap tail")
-for advice in [10, *cfg.get("advise", [])]:  # MADV_DONTFORK, then the test's
+for advice in [16 if cfg.get("forkable") else 10, *cfg.get("advise", [])]:  # DONTDUMP/DONTFORK
     check(libc.madvise(addr, size, advice), f"madvise {advice}")
 for off, length in cfg.get("touch", [[0, size]]):
     for page in range(off, off + length, PAGE):  # one write per page: 4 KiB faults
@@ -130,12 +138,51 @@ for off in cfg.get("split", []):
     # splits the VMA and the PMD), then give it back its protection (the VMAs merge again).
     check(libc.mprotect(addr + off, PAGE, 1), "mprotect PROT_READ")
     check(libc.mprotect(addr + off, PAGE, 3), "mprotect PROT_READ|PROT_WRITE")
+for off in cfg.get("guard", []):
+    check(libc.mprotect(addr + off, PAGE, 0), "mprotect PROT_NONE")
+
+
+def reader(spans):
+    while True:
+        for off, length, every in spans:
+            for page in range(off, off + length, every * PAGE):
+                ctypes.c_char.from_address(addr + page).value
+
+
+if cfg.get("hot"):
+    import threading
+
+    threading.Thread(target=reader, args=(cfg["hot"],), daemon=True).start()
+
+
+def fork():
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.read(go_r, 1)  # the parent has written: now the child writes its own copy
+        for off, length in cfg.get("touch", [[0, size]]):
+            for page in range(off, off + length, PAGE):
+                ctypes.c_char.from_address(addr + page + 8).value = b"\xee"
+        os._exit(0)
+    os.close(go_r)
+    for off, length in cfg.get("touch", [[0, size]]):
+        for page in range(off, off + length, PAGE):
+            b = ctypes.c_char.from_address(addr + page + 8)
+            b.value = b.value  # same byte, but a write: copy-on-write
+    os.write(go_w, b"g")
+    os.close(go_w)
+    os.waitpid(pid, 0)
+    return {"child": pid}
+
+
 sys.stdout.write(json.dumps({"addr": addr, "collapse_errno": err}) + "\n")
 sys.stdout.flush()
 if cfg.get("pattern"):
     for line in sys.stdin:
-        if line.strip() == "verify":
-            sys.stdout.write(json.dumps(verify()) + "\n")
+        cmd = line.strip()
+        if cmd in ("verify", "fork"):
+            sys.stdout.write(json.dumps(verify() if cmd == "verify" else fork()) + "\n")
             sys.stdout.flush()
 else:
     while os.read(0, 4096):
@@ -177,6 +224,18 @@ class Child:
             raise RuntimeError(f"child {self.pid} exited instead of verifying")
         return json.loads(line)
 
+    def fork(self, timeout: float = 120.0) -> int:
+        """Ask a pattern=True, forkable=True child to fork a writer child and reap it: the
+        pid of that (now gone) child."""
+        if not (self.config.get("pattern") and self.config.get("forkable")):
+            raise ValueError("fork() needs a child started with pattern=True, forkable=True")
+        self.popen.stdin.write("fork\n")
+        self.popen.stdin.flush()
+        line = _readline(self.popen, timeout)
+        if not line:
+            raise RuntimeError(f"child {self.pid} exited instead of forking")
+        return int(json.loads(line)["child"])
+
     def kill(self, reap: bool = True) -> None:
         """SIGKILL; with reap=False leave a zombie (waits until it is one, without reaping)."""
         if self.popen.returncode is not None:
@@ -210,6 +269,9 @@ def start_child(
     split: list[int] | None = None,
     comm: str | None = None,
     pattern: bool = False,
+    forkable: bool = False,
+    guard: list[int] | None = None,
+    hot: list[tuple[int, int, int]] | None = None,
     timeout: float = 120.0,
 ) -> Child:
     """Start the child and wait for its JSON line. The caller must stop() it."""
@@ -230,6 +292,12 @@ def start_child(
         cfg["comm"] = comm
     if pattern:
         cfg["pattern"] = True
+    if forkable:
+        cfg["forkable"] = True
+    if guard:
+        cfg["guard"] = list(guard)
+    if hot:
+        cfg["hot"] = [list(h) for h in hot]
     popen = subprocess.Popen(
         [sys.executable, "-c", CHILD_SCRIPT, json.dumps(cfg)],
         stdin=subprocess.PIPE,

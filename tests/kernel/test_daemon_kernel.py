@@ -33,7 +33,11 @@ def anon_huge(pid: int, addr: int) -> int:
     raise AssertionError(f"no VMA at 0x{addr:x}")
 
 
-def write_config(path: Path, comm: str, extra: str = "", listen: str = "off") -> Path:
+def write_config(
+    path: Path, comm: str, extra: str = "", listen: str = "off", pacing: str = "duty_cycle: 50%"
+) -> Path:
+    """Budgets and the pressure guard out of the way; paced (the default) but at 50%, ten
+    times the default duty cycle, so that tests wait seconds, not minutes."""
     path.write_text(
         textwrap.dedent(
             f"""
@@ -41,6 +45,7 @@ def write_config(path: Path, comm: str, extra: str = "", listen: str = "off") ->
               scan_interval: 1s
               budget: {{bytes_per_second: 8GiB, cpu_share: 1.0}}
               pressure: {{psi_some_avg10: 100, min_available: 0}}
+              pacing: {{{pacing}}}
               metrics: {{listen: "{listen}"}}
             {extra}
             targets:
@@ -78,6 +83,17 @@ class Daemon:
         raise AssertionError(
             f"{needle!r} not in the daemon's log within {timeout} s:\n{self.text()}"
         )
+
+    def wait_settled(self, timeout: float = 30.0) -> str:
+        """Until a scan after the last request found nothing to do (so figures settle). The
+        first scan queues nothing either: the daemon waits for an access window first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.text()
+            if "scanned 1 process(es): 0 MiB queued" in text.rpartition("collapse pid")[2]:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"no idle scan after the work within {timeout} s:\n{self.text()}")
 
     def stop(self, timeout: float = 5.0) -> int:
         if self.proc.poll() is None:
@@ -336,7 +352,7 @@ def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
     end = time.monotonic() + 30
     while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
         time.sleep(0.2)
-    d.wait_for("scanned 1 process(es): 0 MiB queued")  # a scan after the work: figures settle
+    d.wait_settled()
     text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for fam in text_string_to_metric_families(text):

@@ -92,7 +92,7 @@ def test_dashboard_and_rules_use_only_what_a_live_scrape_has(spawn, daemon, tmp_
     end = time.monotonic() + 30
     while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
         time.sleep(0.2)
-    d.wait_for("scanned 1 process(es): 0 MiB queued")  # a scan after the work: figures settle
+    d.wait_settled()
     text, samples = scrape(port)
     assert samples["memdefragd_target_thp_coverage_ratio", (("target", "testee"),)] == 1.0, text
 

@@ -33,8 +33,9 @@ def errors_of(text: str) -> list[str]:
 def test_example_config_is_valid_and_means_what_it_says():
     cfg = load_config(REPO / "etc" / "memdefragd.yaml", check_owner=False)
     names = [t.name for t in cfg.targets]
-    assert names == ["databases", "jvm", "large"]
-    db, jvm, large = cfg.targets
+    assert names == ["databases", "batch", "jvm", "large"]
+    db, batch, jvm, large = cfg.targets
+    assert batch.matches(proc(comm="spark-worker")) and not batch.matches(proc())
     assert db.matches(proc()) and db.priority == 10 and db.mode == "enforce"
     assert not db.matches(proc(rss=100 << 20))  # under min_rss 256MiB
     assert jvm.mode == "observe"
@@ -129,7 +130,8 @@ def test_example_daemon_section_equals_the_defaults():
 
     cfg = load_config(REPO / "etc" / "memdefragd.yaml", check_owner=False)
     assert cfg.daemon == DaemonSettings()
-    assert cfg.overrides["databases"].chunk == 16 << 20
+    assert cfg.overrides["databases"].duty_cycle == 0.02
+    assert cfg.overrides["batch"].latency_sensitive is False
     assert len(cfg.sha256) == 64
 
 
@@ -170,6 +172,28 @@ def test_daemon_settings_parse():
     assert cfg.overrides["t"].method == "ranger" and cfg.overrides["t"].cooldown == 10.0
 
 
+def test_pacing_and_access_parse():
+    cfg = parse_config(
+        textwrap.dedent(
+            """
+            daemon:
+              pacing: {latency_sensitive: false, duty_cycle: 10%, max_pause: 250ms}
+              access: {source: referenced, untouched: skip}
+            targets:
+              - name: db
+                overrides: {duty_cycle: 0.02}
+              - name: batch
+                overrides: {latency_sensitive: false}
+            """
+        )
+    )
+    d = cfg.daemon
+    assert (d.latency_sensitive, d.duty_cycle, d.max_pause) == (False, 0.1, 0.25)
+    assert (d.access_source, d.access_untouched) == ("referenced", "skip")
+    assert cfg.overrides["db"].duty_cycle == 0.02
+    assert cfg.overrides["batch"].latency_sensitive is False
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -192,7 +216,12 @@ def test_daemon_settings_parse():
         ("daemon:\n  ranger: {syscall: '335'}\ntargets: []\n", "daemon.ranger.syscall: expected an integer"),
         ("daemon:\n  pressure: {psi_some_avg10: 150}\ntargets: []\n", "daemon.pressure.psi_some_avg10: expected a number from 0 to 100"),
         ("targets:\n  - name: a\n    overrides: {chunk: 1K}\n", "m.yaml:3: targets[0].overrides.chunk: must be at least 2097152 bytes"),
-        ("targets:\n  - name: a\n    overrides: {budget: 1}\n", "m.yaml:3: targets[0].overrides.budget: unknown key; expected one of: method, chunk, cooldown"),
+        ("targets:\n  - name: a\n    overrides: {budget: 1}\n", "m.yaml:3: targets[0].overrides.budget: unknown key; expected one of: method, chunk, cooldown, latency_sensitive, duty_cycle"),
+        ("targets:\n  - name: a\n    overrides: {duty_cycle: 0%}\n", "targets[0].overrides.duty_cycle: expected a share such as 5% or 0.05 (above 0, at most 100%), got str '0%'"),
+        ("daemon:\n  pacing: {duty_cycle: 1.5}\ntargets: []\n", "m.yaml:2: daemon.pacing.duty_cycle: expected a share such as 5% or 0.05"),
+        ("daemon:\n  pacing: {latency_sensitive: maybe}\ntargets: []\n", "daemon.pacing.latency_sensitive: expected true or false"),
+        ("daemon:\n  access: {source: perf}\ntargets: []\n", "daemon.access.source: expected one of auto, damon, referenced, off"),
+        ("daemon:\n  access: {untouched: never}\ntargets: []\n", "daemon.access.untouched: expected one of skip, last"),
         ("daemon:\n  chunk: 8M\n  chunk: 16M\ntargets: []\n", "m.yaml:3: daemon.chunk: duplicate key (first given on line 2)"),
     ],
 )  # fmt: skip

@@ -459,8 +459,9 @@ def test_proc_events_translate_recover_and_stop():
     ]
     ev = ProcEvents(backoff=(0.01, 0.05), socket_factory=lambda: FakeSocket(scripts.pop(0), log))
     assert ev.start()  # (available, briefly: this socket fails at once)
-    events = collect(ev, 5)
+    events = collect(ev, 6)
     assert events == [
+        ("forked", (1, 10)),  # the parent's pid, for fork-aware re-collapse
         ("fork", 10),
         ("exec", 10),
         ("lost", "OSError: [Errno 105] No buffer space"),
@@ -542,3 +543,26 @@ def test_namespace_problem(tmp_path, nspid, uid_map, problem):
     found = namespace_problem(str(tmp_path))
     assert found is None if problem is None else problem in found
     assert "cannot read" in namespace_problem(str(tmp_path / "missing"))
+
+
+def test_forks_of_tracked_processes_and_their_childrens_exit_and_exec():
+    b = FakeBackend(proc(1, "redis"), proc(2, "bash"))
+    ev = FakeEvents()
+    d, _ = discovery(b, [REDIS], ev)
+    d.poll(0.5)
+    b.procs[5] = proc(5, "redis")  # a fork child: same name, so tracked too
+    ev.batches = [[("forked", (1, 5)), ("fork", 5), ("forked", (2, 6)), ("fork", 6)]]
+    ch = d.poll(0.5)
+    assert dict(ch.forked) == {5: 1}  # bash (2) is no target: its fork is not ours to watch
+    assert dict(ch.added) == {5: "redis"}
+    del b.procs[5]
+    ev.batches = [[("exit", 5)]]
+    ch = d.poll(0.5)
+    assert dict(ch.fork_exited) == {5: 1} and dict(ch.dropped) == {5: EXITED}
+    ev.batches = [[("forked", (1, 7)), ("exec", 7), ("exit", 7)]]
+    ch = d.poll(0.5)
+    assert ch.execd == {7} and not ch.fork_exited  # exec'd: a new program, not a fork child
+    ev.batches = [[("forked", (1, 8))], [("lost", "ENOBUFS")]]
+    d.poll(0.5)
+    ch = d.poll(0.5)  # the child vanished while events were lost: the rescan tells
+    assert dict(ch.fork_exited) == {8: 1} and d.fork_children == {}

@@ -124,3 +124,24 @@ def test_pause_reasons_are_a_bounded_vocabulary():
     m = scrape(snapshot())
     paused = {k[1][0][1]: v for k, v in m.items() if k[0] == "memdefragd_paused"}
     assert paused == dict.fromkeys(exporter.PAUSE_REASONS, 0)
+
+
+def test_persistence_families():
+    h = Histogram(exporter.PACING_BUCKETS)
+    h.observe(0.02)
+    r = Histogram(exporter.RESTORE_BUCKETS)
+    r.observe(1.5)
+    m = scrape(
+        snapshot(
+            pending={("db", "hot"): 4 << 20, ("db", "cold"): 2 << 20}, untouched={"db": 6 << 20},
+            forks={"db": 2}, regressions={("db", "fork"): 1}, recollapsed={"db": 8 << 20},
+            fork_restore={"db": r}, pacing={"db": h},
+        )
+    )  # fmt: skip
+    pending = {dict(k[1])["heat"]: v for k, v in m.items() if k[0] == "memdefragd_pending_bytes"}
+    assert pending == {"hot": 4 << 20, "cold": 2 << 20, "untouched": 6 << 20, "unknown": 0}
+    assert m["memdefragd_forks_total", (("target", "db"),)] == 2
+    assert m["memdefragd_regressions_total", (("cause", "fork"), ("target", "db"))] == 1
+    assert m["memdefragd_recollapsed_bytes_total", (("target", "db"),)] == 8 << 20
+    assert m["memdefragd_fork_restore_seconds_sum", (("target", "db"),)] == 1.5
+    assert m["memdefragd_pacing_delay_seconds_count", (("target", "db"),)] == 1
