@@ -55,7 +55,8 @@ def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons,
     assert f"pid {child.pid} (testee) forked pid {gone}" in text
     assert f"pid {child.pid}'s fork child {gone} exited: re-scanning it" in text
     assert "split again (after a fork" in text
-    assert f"pid {child.pid} (testee): THP coverage restored" in text
+    # The daemon says so once its own re-scan agrees, which may come just after smaps does.
+    text = d.wait_for(f"pid {child.pid} (testee): THP coverage restored", timeout=2 * scan)
     assert f"collapse pid {gone} " not in text  # the fork child shared memory: left alone
     result = child.verify()
     assert result["bad"] == [] and result["checked"] == child.size // 4096

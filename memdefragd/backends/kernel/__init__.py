@@ -22,7 +22,7 @@ from ...model import (
     Request,
     Vma,
 )
-from .collapse import collapse, process_madvise_nr
+from . import collapse as _collapse  # the module: tests patch its syscall wrapper
 from .pagemap import WINDOW_PAGES, PagemapReader
 from .procs import PidHandle, ProcDir, list_pids
 from .ranger import ranger_refusal
@@ -70,7 +70,7 @@ class KernelBackend:
     def refusal(self, method: str) -> str | None:
         if method == "collapse":
             try:
-                process_madvise_nr()
+                _collapse.process_madvise_nr()
             except NotImplementedError as e:
                 return str(e)
             return None
@@ -89,7 +89,9 @@ class KernelBackend:
         reason = self.refusal(request.method)
         if reason is not None:
             raise NotImplementedError(reason)
-        return collapse(handle, request, should_stop=should_stop, proc_root=self.proc_root)
+        return _collapse.collapse(
+            handle, request, should_stop=should_stop, proc_root=self.proc_root
+        )
 
     def close(self) -> None:
         if self._kpf_fd is not None:
