@@ -115,6 +115,22 @@ class Layout:
     def present_pages(self) -> int:
         return int(self.vpn.size)
 
+    @classmethod
+    def join(cls, vma: Vma, windows: list[Layout], visible: bool) -> Layout:
+        """One VMA's layout from its windows (in virtual order), as backends read them."""
+        start, end = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
+        if not windows:
+            none = np.zeros(0, dtype=np.uint64)
+            return cls(start, end, none, none, np.zeros(0, dtype=bool), visible)
+        return cls(
+            start,
+            end,
+            np.concatenate([w.vpn for w in windows]),
+            np.concatenate([w.pfn for w in windows]),
+            np.concatenate([w.thp for w in windows]),
+            all(w.pfn_known for w in windows),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ZoneFree:

@@ -7,11 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
-
 from ... import procfs
 from ...model import (
-    PAGE_SHIFT,
     AccessDenied,
     Layout,
     MemoryState,
@@ -130,7 +127,8 @@ class KernelBackend:
         for i, window in self.iter_layouts(proc, vmas):
             parts[i].append(window)
         return [
-            _join(v, p, self.pfn_visibility().visible) for v, p in zip(vmas, parts, strict=True)
+            Layout.join(v, p, self.pfn_visibility().visible)
+            for v, p in zip(vmas, parts, strict=True)
         ]
 
     def iter_layouts(self, proc: ProcessInfo, vmas: Sequence[Vma]) -> Iterator[tuple[int, Layout]]:
@@ -216,21 +214,6 @@ def _dense_guess(proc: ProcessInfo, vmas: Sequence[Vma]) -> Callable[[Vma], bool
     mapped = sum(v.size for v in vmas)
     dense_process = proc.rss * 2 >= mapped
     return lambda v: dense_process or v.size <= DENSE_VMA_BYTES
-
-
-def _join(vma: Vma, windows: list[Layout], visible: bool) -> Layout:
-    start, end = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
-    if not windows:
-        none = np.zeros(0, dtype=np.uint64)
-        return Layout(start, end, none, none, np.zeros(0, dtype=bool), visible)
-    return Layout(
-        start,
-        end,
-        np.concatenate([w.vpn for w in windows]),
-        np.concatenate([w.pfn for w in windows]),
-        np.concatenate([w.thp for w in windows]),
-        all(w.pfn_known for w in windows),
-    )
 
 
 def _distrust_zero_pfns(layout: Layout) -> Layout:

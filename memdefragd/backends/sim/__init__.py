@@ -153,19 +153,7 @@ class SimBackend:
     # ------------------------------------------------------------------ layouts
 
     def read_layout(self, proc: ProcessInfo, vma: Vma) -> Layout:
-        windows = [w for _, w in self.iter_layouts(proc, [vma])]
-        lo, hi = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
-        if not windows:
-            none = np.zeros(0, dtype=np.uint64)
-            return Layout(lo, hi, none, none, np.zeros(0, dtype=bool), True)
-        return Layout(
-            lo,
-            hi,
-            np.concatenate([w.vpn for w in windows]),
-            np.concatenate([w.pfn for w in windows]),
-            np.concatenate([w.thp for w in windows]),
-            True,
-        )
+        return Layout.join(vma, [w for _, w in self.iter_layouts(proc, [vma])], True)
 
     def iter_layouts(self, proc: ProcessInfo, vmas: Sequence[Vma]) -> Iterator[tuple[int, Layout]]:
         """(index, window) with present pages, windows cut at multiples of the window
