@@ -103,7 +103,8 @@ def test_config_map_is_a_valid_config_mounted_where_the_daemon_reads_it(docs, po
     config_path = args[args.index("--config") + 1]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
     assert mount["readOnly"] is True
-    assert config_path == f"{mount['mountPath']}/memdefragd.yaml"
+    # the file itself (subPath): a ConfigMap directory would hand memdefragd a symlink
+    assert config_path == mount["mountPath"] and mount["subPath"] == "memdefragd.yaml"
     (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "config"]
     assert vol["configMap"]["name"] == "memdefragd-config"
     assert vol["configMap"]["defaultMode"] == 0o644  # memdefragd refuses group/other-writable
