@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
+import select as _select
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from .backends.kernel import KernelBackend
 from .config import DEFAULT_PATH, ConfigError, load_config
 from .model import PMD_SIZE, AccessDenied, ProcessGone, ProcessInfo
 from .report import Skipped, build_report, render_text, to_json
-from .targets import Matcher, Target, select
+from .targets import Matcher, Regex, RegexError, Target, select
 from .units import format_size, parse_size
 
 EPILOG = """\
@@ -34,11 +35,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def _regex(text: str) -> re.Pattern[str]:
+def _regex(text: str) -> Regex:
     try:
-        return re.compile(text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"bad regular expression {text!r}: {e}") from e
+        return Regex(text)  # RE2, as config patterns: the same syntax, linear time
+    except RegexError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> float:
@@ -433,11 +434,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """0 if the daemon would accept the file (the same checks: where it lies, owner, mode,
+    size, schema), 2 with every problem found if not. It runs as root on whatever path it
+    is given, so it never prints what the file says, only where and what kind of value."""
     try:
         cfg = load_config(args.file)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: its message or traceback might quote the file
+        print(
+            f"{args.file}: could not be checked: internal error ({type(e).__name__}); "
+            "please report it",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{args.file}: OK, {len(cfg.targets)} target(s): " + ", ".join(t.name for t in cfg.targets)
     )
@@ -446,7 +457,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone shows here, not as a traceback at exit
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a pipe of our own, not the reader of our output: a real error
+        # `memdefragd report | head`: the reader has all it wanted. As Python's docs
+        # (signal module, "Note on SIGPIPE") advise: point stdout at /dev/null, so the
+        # interpreter's own flush at exit cannot fail again, and exit 1 without a word.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return code
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it."""
+    try:
+        poller = _select.poll()  # (`select` is the targets' function here)
+        poller.register(sys.stdout.fileno(), _select.POLLOUT)
+        return any(ev & (_select.POLLERR | _select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

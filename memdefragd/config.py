@@ -2,24 +2,35 @@
 
 PyYAML silently keeps the last of duplicate keys and knows nothing of our schema, so we
 validate the composed node tree ourselves: every message names the file, the line, the
-key path and what to do, and all problems are reported at once.
+key path and what to do, and all problems are reported at once (the first MAX_ERRORS).
+
+memdefragd runs as root, so the file is treated as hostile until proven otherwise:
+`load_config` opens it the way OpenSSH opens its own files (trusted directories from / down,
+no symbolic link, owner and mode checked on the open descriptor, a size limit before
+parsing), and no message ever quotes what the file says, only where and what kind of value
+(`memdefragd check-config /etc/shadow` must not print a password hash).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import difflib
+import errno
 import hashlib
+import ipaddress
 import os
 import pwd
 import re
+import socket
 import stat
+import threading
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import yaml
 
-from .targets import Matcher, Target
-from .units import parse_duration, parse_size
+from .targets import Matcher, Regex, RegexError, Target
+from .units import format_size, parse_duration, parse_size
 
 DEFAULT_PATH = "/etc/memdefragd/memdefragd.yaml"
 MODES = ("enforce", "observe")
@@ -44,6 +55,24 @@ SIM_PROCESS_KEYS = ("comm", "heap", "thp", "count")
 TOP_KEYS = ("daemon", "targets")
 PMD = 2 << 20
 DEFAULT_METRICS_PORT = 9847
+# 1 MiB: the example with 500 targets takes about 100 KB. Checked on the open file before a
+# byte is read (a 50 MB file took minutes and 2 GiB to parse), and again while reading.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ERRORS = 20  # reported in full; the rest are counted, so a hostile file can't flood
+# Scalars and mappings the validator may visit. An alias-free file within the size limit
+# has at most ~500,000; YAML aliases can repeat a subtree without limit ("billion laughs").
+MAX_VALUES = 1_000_000
+PRIORITY_RANGE = (-1000, 1000)
+SYSCALL_RANGE = (0, 65535)  # no architecture numbers its system calls beyond this
+SEED_RANGE = (0, (1 << 32) - 1)
+NODES_RANGE = (1, 64)
+COUNT_RANGE = (1, 10_000)
+PID_RANGE = (1, 1 << 22)  # PID_MAX_LIMIT
+UID_RANGE = (0, (1 << 32) - 2)  # (uid_t) -1 means "no user"
+SIM_MEMORY_MAX = 1 << 40  # the simulator keeps ~30 bytes per 4 KiB frame: 8 GiB at 1 TiB
+RESOLVE_TIMEOUT = 1.0  # seconds for a metrics.listen host name to resolve (reload waits)
+# A SafeLoader with libyaml underneath parses several times faster; same nodes, same marks.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(Exception):
@@ -154,36 +183,166 @@ class Config:
 
 
 def load_config(path: str | os.PathLike[str], *, check_owner: bool = True) -> Config:
-    path = str(path)
-    try:
-        if check_owner:
-            _check_file_safety(path)
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
-    return parse_config(text, path)
+    """Read and validate the config at `path`.
+
+    With check_owner (always, except for files of this repository in tests) the file must be
+    one that only root (or we) could have written, checked so that nothing can be swapped
+    between the check and the read: see _read_trusted. Without it, any regular file is
+    read (still within the size limit)."""
+    path = os.fspath(path)
+    data = _read_trusted(path) if check_owner else _read_plain(path)
+    return parse_config(data, path)
 
 
-def parse_config(text: str, path: str = "<config>") -> Config:
+def parse_config(text: str | bytes, path: str = "<config>") -> Config:
+    """Validate a config's text (bytes: as read from the file, decoded here). Errors say
+    line and column and what kind of value was found, never the text itself."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(path, len(text))])
+    if isinstance(text, bytes):
+        text = _decode(text, path)
+    _check_characters(text, path)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        msg = f"{where}: YAML syntax: {e.problem or e}"
-        if e.context and e.context_mark and e.context_mark is not mark:
-            msg += f" ({e.context} at line {e.context_mark.line + 1})"
-        raise ConfigError([msg]) from e
+        raise ConfigError([_syntax_error(e, path)]) from None
+    except yaml.YAMLError as e:  # a ReaderError _check_characters did not foresee
+        raise ConfigError(
+            [f"{path}: YAML cannot read this file ({type(e).__name__}); save it as plain "
+             "UTF-8 text"]
+        ) from None  # fmt: skip
+    except RecursionError:  # the pure-Python composer, without libyaml
+        raise ConfigError([f"{path}: nested too deeply for a config"]) from None
     v = _Validator(path)
-    cfg = v.config(root)
+    try:
+        cfg = v.config(root)
+    except _TooManyValues:
+        raise ConfigError(
+            [f"{path}: expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
+             "whole lists?); write the config out without aliases"]
+        ) from None  # fmt: skip
     if v.errors:
+        more = v.problems - len(v.errors)
+        if more:
+            v.errors.append(f"{path}: ... and {more} more error(s) not shown; fix these first")
         raise ConfigError(v.errors)
     return replace(cfg, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
-def _check_file_safety(path: str) -> None:
-    st = os.stat(path)
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO
+_O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a symlink: ENOTDIR
+
+
+def _read_trusted(path: str) -> bytes:
+    """The file's bytes, read so that no one but root (or our euid) could have chosen them.
+
+    As OpenSSH's safe_path, but on descriptors, so nothing can be swapped between a check
+    and the use: the directories of the file's real path are opened one by one from /, each
+    relative to the last and without following a link, and each is checked on its
+    descriptor (owned by root or us; writable by no one else, unless it is sticky like /tmp,
+    where others cannot rename or remove what they do not own). The file is then opened in
+    the last one without following a symbolic link (whoever can change a link chooses what
+    we read), and its type, owner, mode and size are checked on the open descriptor, which
+    is the only one read, at most MAX_CONFIG_BYTES + 1 bytes of it. Symbolic links among the
+    directories are resolved first (realpath) and the result walked as above: a link in an
+    untrusted directory is caught there, one that changes under us fails the walk."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if not name:
+        raise ConfigError([f"{path}: is a directory; give the config file's path"])
+    dirfd = _open_trusted_dirs(os.path.realpath(parent), path)
+    try:
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            _check_type(st, path)  # before opening: opening a device can do things
+            fd = os.open(name, _O_READ, dir_fd=dirfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError(
+                    [f"{path}: refusing a symbolic link: whoever can change the link chooses "
+                     "what memdefragd (root) reads; give the real file's path instead (see: "
+                     f"readlink -f {path})"]
+                ) from None  # fmt: skip
+            raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    finally:
+        os.close(dirfd)
+    try:
+        st = os.fstat(fd)
+        _check_type(st, path)
+        _check_owner_and_mode(st, path)
+        return _read_fd(fd, st, path)
+    finally:
+        os.close(fd)
+
+
+def _open_trusted_dirs(real_dir: str, path: str) -> int:
+    """A descriptor of `real_dir` (absolute, no links) reached from / by descriptors, every
+    directory on the way checked by _check_dir."""
+    where = "/"
+    fd = os.open(where, _O_DIR)
+    try:
+        _check_dir(os.fstat(fd), where, path)
+        for part in real_dir.split("/"):
+            if not part:
+                continue
+            where = os.path.join(where, part)
+            try:
+                nfd = os.open(part, _O_DIR, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ENOTDIR:  # realpath said directory; now it is not
+                    msg = f"{where} changed while it was checked (now a link or a file)"
+                    raise ConfigError([f"{path}: cannot read: {msg}; try again"]) from None
+                raise ConfigError([f"{path}: cannot read: {e.strerror} ({where})"]) from None
+            os.close(fd)
+            fd = nfd
+            _check_dir(os.fstat(fd), where, path)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _trusted_uid(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _others_can_write(st: os.stat_result) -> bool:
+    """Writable by users other than the owner: others, or a group other than root's."""
+    return bool(st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0))
+
+
+def _check_dir(st: os.stat_result, where: str, path: str) -> None:
+    if not _trusted_uid(st.st_uid):
+        raise ConfigError(
+            [f"{path}: refusing a config under {where}, a directory owned by "
+             f"{_owner(st.st_uid)}, neither root nor us: its owner could swap the file; "
+             f"fix with: chown root {where} (or keep the config in a directory only root "
+             "can write, such as /etc/memdefragd)"]
+        )  # fmt: skip
+    if _others_can_write(st) and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(
+            [f"{path}: refusing a config under {where}, a directory other users can write "
+             f"to (mode {stat.filemode(st.st_mode)}): they could replace the file; fix "
+             f"with: chmod go-w {where}"]
+        )  # fmt: skip
+
+
+def _check_type(st: os.stat_result, path: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError([f"{path}: is {kind}; give the path of the YAML config file"])
+
+
+def _check_owner_and_mode(st: os.stat_result, path: str) -> None:
+    if _others_can_write(st):
         raise ConfigError(
             [
                 f"{path}: refusing a config file writable by other users (mode "
@@ -191,80 +350,233 @@ def _check_file_safety(path: str) -> None:
                 f"says; fix with: chmod go-w {path}"
             ]
         )
-    if st.st_uid not in (0, os.geteuid()):
+    if not _trusted_uid(st.st_uid):
         raise ConfigError(
             [
-                f"{path}: refusing a config file owned by uid {st.st_uid}, neither root nor "
-                f"us; fix with: chown root {path}"
+                f"{path}: refusing a config file owned by {_owner(st.st_uid)}, neither root "
+                f"nor us; fix with: chown root {path}"
             ]
         )
 
 
-_constructor = yaml.constructor.SafeConstructor()
+def _read_plain(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        st = os.fstat(fd)
+        _check_type(st, path)
+        return _read_fd(fd, st, path)
+    finally:
+        os.close(fd)
+
+
+def _too_big(path: str, size: int) -> str:
+    return (
+        f"{path}: refusing a config of {format_size(size)}: the limit is "
+        f"{format_size(MAX_CONFIG_BYTES)} (500 targets take about 100 KB); is this the "
+        "right file?"
+    )
+
+
+def _read_fd(fd: int, st: os.stat_result, path: str) -> bytes:
+    """At most MAX_CONFIG_BYTES + 1 bytes: the size is checked before reading and again
+    after, for a file that grows in between."""
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(path, st.st_size)])
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while got <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    if got > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(path, got)])
+    return b"".join(chunks)
+
+
+def _line_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of byte `offset`, all before it valid UTF-8."""
+    start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, len(data[start:offset].decode()) + 1
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_column(data, e.start)
+        raise ConfigError(
+            [f"{path}:{line}:{col}: not valid UTF-8 (byte {e.start + 1} of the file); the "
+             "config must be UTF-8 text: re-save it as UTF-8, or is this the right file?"]
+        ) from None  # fmt: skip
+
+
+# What YAML accepts in a stream (PyYAML's Reader.NON_PRINTABLE): found here first, so that
+# the error has a line and column whichever parser (libyaml or Python) is in use.
+_NON_PRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
+
+
+def _check_characters(text: str, path: str) -> None:
+    m = _NON_PRINTABLE.search(text)
+    if m:
+        i = m.start()
+        line, col = text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+        raise ConfigError(
+            [f"{path}:{line}:{col}: a control character, which YAML does not allow; the "
+             "config must be plain text: remove it, or is this the right file?"]
+        )  # fmt: skip
+
+
+# PyYAML's messages quote what it found ("found character '%' that cannot start any
+# token", "found undefined alias 'x'"): file text. Every quoted part is dropped but YAML's
+# own punctuation and token names ("expected ',' or ']'", "but found '<block end>'").
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'" r'|"(?:[^"\\\n]|\\.)*"')
+_YAML_WORDS = re.compile(r"""'(?:[-,:?!\[\]{}|>]|<[a-z ]+>)'""")
+
+
+def _redact(message: str | None) -> str:
+    if not message:
+        return ""
+    kept = _QUOTED.sub(lambda m: m[0] if _YAML_WORDS.fullmatch(m[0]) else "", message)
+    return re.sub(r" ([;,)])", r"\1", " ".join(kept.split())).rstrip(" ,:")
+
+
+def _syntax_error(e: yaml.MarkedYAMLError, path: str) -> str:
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+    msg = f"{where}: YAML syntax: {_redact(e.problem) or 'not valid YAML'}"
+    context = _redact(e.context)
+    if context and e.context_mark and e.context_mark is not mark:
+        msg += f" ({context} at line {e.context_mark.line + 1})"
+    return msg
+
+
+class _TooManyValues(Exception):
+    pass
+
+
+_UNREADABLE = object()  # a scalar its YAML type cannot hold: `!!int x`, 5,000 digits, `!tag`
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+
+
+def _shown_key(name: str, allowed: tuple[str, ...]) -> bool:
+    """Whether an unknown key may be repeated in its error.
+
+    A key is file text like any other, and the file may not be a config at all (`check-config
+    /etc/shadow`, or a secret behind a symlink). A key is repeated only when it is a short
+    lower-case identifier that is a prefix of, or close to (difflib ratio >= 0.75), a key we
+    expect: the typos worth showing (`nmae`, `target`, `bytes`) tell nothing about a file
+    that is not a config. Any other unknown key is pointed at by line and column."""
+    if not _IDENTIFIER.fullmatch(name):
+        return False
+    return any(a.startswith(name) for a in allowed) or bool(
+        difflib.get_close_matches(name, allowed, n=1, cutoff=0.75)
+    )
 
 
 class _Validator:
     def __init__(self, path: str):
         self.path = path
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # the first MAX_ERRORS
+        self.problems = 0  # all errors found, kept or not
+        self.values = 0  # nodes visited: at most MAX_VALUES
         self.overrides: dict[str, Overrides] = {}
+        # One per load: it caches every node it builds (aliases hit the cache), and a
+        # module-wide one would keep every config ever loaded alive.
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.uids: dict[str, int | None] = {}
 
     def error(self, node: yaml.Node | None, key: str, msg: str) -> None:
+        self.problems += 1
+        if len(self.errors) >= MAX_ERRORS:
+            return
         line = f":{node.start_mark.line + 1}" if node is not None else ""
         self.errors.append(
             f"{self.path}{line}: {key}: {msg}" if key else f"{self.path}{line}: {msg}"
         )
 
+    def visit(self) -> None:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _TooManyValues
+
     def mapping(
         self, node: yaml.Node | None, key: str, allowed: tuple[str, ...]
     ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
         """Keys of a mapping node, rejecting duplicates and unknown keys."""
+        self.visit()
         if not isinstance(node, yaml.MappingNode):
-            self.error(node, key, f"expected a mapping with keys {', '.join(allowed)}")
+            got = f", got {_describe(self.scalar(node))}" if node is not None else ""
+            self.error(node, key, f"expected a mapping with keys {', '.join(allowed)}{got}")
             return None
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        expected = f"expected one of: {', '.join(allowed)}"
         for k, v in node.value:
             name = self.scalar(k)
-            full = f"{key}.{name}" if key else str(name)
             if not isinstance(name, str):
-                self.error(k, full, "keys must be strings")
+                self.error(k, key, f"keys must be strings, got {_describe(name)}{_at(k)}")
             elif name in out:
                 first = out[name][0].start_mark.line + 1
-                self.error(k, full, f"duplicate key (first given on line {first})")
+                self.error(k, _join(key, name), f"duplicate key (first given on line {first})")
             elif name not in allowed:
-                self.error(k, full, f"unknown key; expected one of: {', '.join(allowed)}")
+                if _shown_key(name, allowed):
+                    self.error(k, _join(key, name), f"unknown key; {expected}")
+                else:  # see _shown_key
+                    self.error(k, key, f"unknown key{_at(k)}; {expected}")
             else:
                 out[name] = (k, v)
         return out
 
-    @staticmethod
-    def scalar(node: yaml.Node) -> object:
+    def scalar(self, node: yaml.Node | None) -> object:
+        """The value of a scalar node (_UNREADABLE if its type cannot hold it); any other
+        node as it is, for the caller's type check to describe."""
+        self.visit()
         if isinstance(node, yaml.ScalarNode):
-            return _constructor.construct_object(node)
-        return node  # non-scalars are reported by the caller's type check
+            try:
+                return self.constructor.construct_object(node)
+            except Exception:  # ConstructorError, ValueError (5,000 digits, 2024-13-45), ...
+                return _UNREADABLE
+        return node
 
     def string(self, node: yaml.Node, key: str) -> str | None:
         value = self.scalar(node)
         if not isinstance(value, str) or not value:
-            self.error(node, key, f"expected a non-empty string, got {_show(value)}")
+            self.error(node, key, f"expected a non-empty string, got {_describe(value)}")
             return None
         return value
 
-    def integer(self, node: yaml.Node, key: str) -> int | None:
+    def integer(
+        self, node: yaml.Node, key: str, bounds: tuple[int, int] | None = None
+    ) -> int | None:
         value = self.scalar(node)
+        want = f"an integer from {bounds[0]} to {bounds[1]}" if bounds else "an integer"
         if not isinstance(value, int) or isinstance(value, bool):
-            self.error(node, key, f"expected an integer, got {_show(value)}")
+            self.error(node, key, f"expected {want}, got {_describe(value)}")
+            return None
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            self.error(node, key, f"expected {want}, got one outside that range")
             return None
         return value
 
-    def regex(self, node: yaml.Node, key: str) -> re.Pattern[str] | None:
+    def regex(self, node: yaml.Node, key: str) -> Regex | None:
+        """An RE2 pattern (linear-time matching); one RE2 cannot express is refused here,
+        at its line, saying what it uses (never quoting the pattern) and what to do."""
         value = self.string(node, key)
         if value is None:
             return None
         try:
-            return re.compile(value)
-        except re.error as e:
-            self.error(node, key, f"bad regular expression {value!r}: {e}")
+            return Regex(value)
+        except RegexError as e:
+            self.error(node, key, str(e))
             return None
 
     def config(self, root: yaml.Node | None) -> Config:
@@ -331,9 +643,11 @@ class _Validator:
             elif name == "access":
                 sub = self.mapping(v, k, ACCESS_KEYS) or {}
                 if "source" in sub:
-                    kw["access_source"] = self.choice(
-                        sub["source"][1], f"{k}.source", ACCESS_SOURCES
-                    )
+                    n = sub["source"][1]  # unquoted off is YAML 1.1's false: the same
+                    kw["access_source"] = (
+                        "off" if self.scalar(n) is False
+                        else self.choice(n, f"{k}.source", ACCESS_SOURCES)
+                    )  # fmt: skip
                 if "untouched" in sub:
                     kw["access_untouched"] = self.choice(
                         sub["untouched"][1], f"{k}.untouched", UNTOUCHED
@@ -349,7 +663,9 @@ class _Validator:
             elif name == "ranger":
                 sub = self.mapping(v, k, ("syscall",)) or {}
                 if "syscall" in sub and self.scalar(sub["syscall"][1]) is not None:
-                    kw["ranger_syscall"] = self.integer(sub["syscall"][1], f"{k}.syscall")
+                    kw["ranger_syscall"] = self.integer(
+                        sub["syscall"][1], f"{k}.syscall", SYSCALL_RANGE
+                    )
         if "simulated" in keys:
             kw["simulated"] = self.simulated(keys["simulated"][1], "daemon.simulated")
         if "metrics" in keys:
@@ -377,13 +693,9 @@ class _Validator:
         for name, (_, v) in keys.items():
             k = f"{key}.{name}"
             if name == "memory":
-                kw[name] = self.size(v, k, minimum=64 << 20)
+                kw[name] = self.size(v, k, minimum=64 << 20, maximum=SIM_MEMORY_MAX)
             elif name in ("nodes", "seed"):
-                n = self.integer(v, k)
-                if n is not None and n < (1 if name == "nodes" else 0):
-                    self.error(v, k, f"must be at least {1 if name == 'nodes' else 0}, got {n}")
-                    n = None
-                kw[name] = n
+                kw[name] = self.integer(v, k, NODES_RANGE if name == "nodes" else SEED_RANGE)
             elif name == "fragmentation":
                 kw[name] = self.number(v, k, 0, 1)
             elif name == "unmovable":
@@ -394,7 +706,10 @@ class _Validator:
                 kw[name] = self.choice(v, k, ("scattered", "clustered"))
             elif name == "processes":
                 kw[name] = self.sim_processes(v, k)
-        return replace(SimulatedSettings(), **{k: x for k, x in kw.items() if x is not None})
+        sim = replace(SimulatedSettings(), **{k: x for k, x in kw.items() if x is not None})
+        if sim.memory < sim.nodes * (4 << 20):  # a 4 MiB buddy block per node at least
+            self.error(node, f"{key}.memory", "must be at least 4MiB per node (nodes)")
+        return sim
 
     def sim_processes(self, node: yaml.Node, key: str) -> tuple[SimProcessSettings, ...] | None:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -412,68 +727,88 @@ class _Validator:
             comm = self.string(keys["comm"][1], f"{k}.comm")
             heap = self.size(keys["heap"][1], f"{k}.heap", minimum=PMD)
             thp = self.boolean(keys["thp"][1], f"{k}.thp") if "thp" in keys else True
-            count = self.integer(keys["count"][1], f"{k}.count") if "count" in keys else 1
-            if count is not None and count < 1:
-                self.error(keys["count"][1], f"{k}.count", f"must be at least 1, got {count}")
-                count = None
+            count = (
+                self.integer(keys["count"][1], f"{k}.count", COUNT_RANGE) if "count" in keys else 1
+            )
             if comm and heap and thp is not None and count:
                 out.append(SimProcessSettings(comm, heap, thp, count))
         return tuple(out)
 
     def listen(self, node: yaml.Node, key: str) -> tuple[str, int] | str | None:
-        """HOST:PORT, or off (or false) for no endpoint."""
+        """HOST:PORT, or off (or false) for no endpoint. HOST is an IP address (IPv6 in
+        brackets) or a name that resolves here: checked now, so that a typo fails
+        check-config (exit 2) rather than the daemon's start."""
         value = self.scalar(node)
-        if value is False or value in ("off", None):
+        if value is False or value is None or value == "off":
             return "off"
-        host, _, port = str(value).rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            self.error(
-                node, key, f"expected HOST:PORT such as 127.0.0.1:9847 (port 0: any free "
-                f"port), or off, got {value!r}",
-            )  # fmt: skip
+        hint = (
+            "expected HOST:PORT such as 127.0.0.1:9847 or [::1]:9847 (port 0: any free "
+            "port), or off"
+        )
+        if not isinstance(value, str):
+            self.error(node, key, f"{hint}, got {_describe(value)}")
             return None
-        return host.strip("[]"), int(port)
+        host, colon, port = value.rpartition(":")
+        if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+            self.error(node, key, f"the port must be a number from 0 to 65535; {hint}")
+            return None
+        host, problem = _check_host(host, int(port))
+        if problem:
+            self.error(node, key, f"{problem}; {hint}")
+            return None
+        return host, int(port)
 
     def choice(self, node: yaml.Node, key: str, allowed: tuple[str, ...]) -> str | None:
         value = self.scalar(node)
-        if value not in allowed:
-            self.error(node, key, f"expected one of {', '.join(allowed)}, got {_show(value)}")
+        if not isinstance(value, str) or value not in allowed:
+            self.error(node, key, f"expected one of {', '.join(allowed)}, got {_describe(value)}")
             return None
-        return str(value)
+        return value
 
     def duration(self, node: yaml.Node, key: str, minimum: float = 0) -> float | None:
+        value = self.scalar(node)
         try:
-            seconds = parse_duration(self.scalar(node))  # type: ignore[arg-type]
+            seconds = parse_duration(value)  # type: ignore[arg-type]
         except ValueError as e:
-            self.error(node, key, str(e))
+            self.error(node, key, _explain(e, value))
             return None
         if seconds < minimum:
-            self.error(node, key, f"must be at least {minimum:g}s, got {seconds:g}s")
+            self.error(node, key, f"must be at least {minimum:g}s")
             return None
         return seconds
 
-    def size(self, node: yaml.Node, key: str, minimum: int = 0) -> int | None:
+    def size(
+        self, node: yaml.Node, key: str, minimum: int = 0, maximum: int | None = None
+    ) -> int | None:
+        value = self.scalar(node)
         try:
-            n = parse_size(self.scalar(node))  # type: ignore[arg-type]
+            n = parse_size(value)  # type: ignore[arg-type]
         except ValueError as e:
-            self.error(node, key, str(e))
+            self.error(node, key, _explain(e, value))
             return None
         if n < minimum:
-            self.error(node, key, f"must be at least {minimum} bytes, got {n}")
+            self.error(node, key, f"must be at least {minimum} bytes")
+            return None
+        if maximum is not None and n > maximum:
+            self.error(node, key, f"must be at most {format_size(maximum)}")
             return None
         return n
 
     def chunk(self, node: yaml.Node, key: str) -> int | None:
         n = self.size(node, key, minimum=PMD)
         if n is not None and (n % PMD or n > 64 << 20):
-            self.error(node, key, f"must be a multiple of 2MiB and at most 64MiB, got {n} bytes")
+            self.error(node, key, "must be a multiple of 2MiB and at most 64MiB")
             return None
         return n
 
     def number(self, node: yaml.Node, key: str, lo: float, hi: float) -> float | None:
         value = self.scalar(node)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            self.error(node, key, f"expected a number from {lo:g} to {hi:g}, got {_show(value)}")
+        want = f"expected a number from {lo:g} to {hi:g}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(node, key, f"{want}, got {_describe(value)}")
+            return None
+        if not lo <= value <= hi:  # NaN too
+            self.error(node, key, f"{want}, got one outside that range")
             return None
         return float(value)
 
@@ -484,15 +819,20 @@ class _Validator:
             with contextlib.suppress(ValueError):
                 value = float(value.strip()[:-1]) / 100
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            got = (
+                "one outside that range"
+                if isinstance(value, int | float) and not isinstance(value, bool)
+                else _describe(self.scalar(node))
+            )
             self.error(node, key, f"expected a share such as 5% or 0.05 (above 0, at most "
-                       f"100%), got {_show(self.scalar(node))}")  # fmt: skip
+                       f"100%), got {got}")  # fmt: skip
             return None
         return float(value)
 
     def boolean(self, node: yaml.Node, key: str) -> bool | None:
         value = self.scalar(node)
         if not isinstance(value, bool):
-            self.error(node, key, f"expected true or false, got {_show(value)}")
+            self.error(node, key, f"expected true or false, got {_describe(value)}")
             return None
         return value
 
@@ -525,8 +865,8 @@ class _Validator:
             if t is None:
                 continue
             if t.name in seen:
-                self.error(item, f"targets[{i}].name", f"duplicate target name {t.name!r} "
-                           f"(first on line {seen[t.name]})")  # fmt: skip
+                self.error(item, f"targets[{i}].name", "duplicate target name (first on "
+                           f"line {seen[t.name]})")  # fmt: skip
                 continue
             seen[t.name] = item.start_mark.line + 1
             out.append(t)
@@ -536,7 +876,7 @@ class _Validator:
         keys = self.mapping(node, key, TARGET_KEYS)
         if keys is None:
             return None
-        before = len(self.errors)
+        before = self.problems
         name = None
         if "name" not in keys:
             self.error(node, f"{key}.name", "missing; every target needs a name (used in metrics)")
@@ -558,24 +898,17 @@ class _Validator:
                     exclude.append(m)
         min_rss = 0
         if "min_rss" in keys:
-            n = keys["min_rss"][1]
-            try:
-                min_rss = parse_size(self.scalar(n))  # type: ignore[arg-type]
-            except ValueError as e:
-                self.error(n, f"{key}.min_rss", str(e))
+            min_rss = self.size(keys["min_rss"][1], f"{key}.min_rss") or 0
         mode = "enforce"
         if "mode" in keys:
-            n = keys["mode"][1]
-            mode = self.string(n, f"{key}.mode") or mode
-            if mode not in MODES:
-                self.error(n, f"{key}.mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
+            mode = self.choice(keys["mode"][1], f"{key}.mode", MODES) or mode
         priority = 0
         if "priority" in keys:
-            priority = self.integer(keys["priority"][1], f"{key}.priority") or 0
+            priority = self.integer(keys["priority"][1], f"{key}.priority", PRIORITY_RANGE) or 0
         overrides = None
         if "overrides" in keys:
             overrides = self.overrides_of(keys["overrides"][1], f"{key}.overrides")
-        if len(self.errors) > before or name is None:
+        if self.problems > before or name is None:
             return None
         if overrides is not None:
             self.overrides[name] = overrides
@@ -593,7 +926,7 @@ class _Validator:
             elif name in ("exe", "cgroup", "unit"):
                 s = self.string(v, k)
                 if s is not None and name in ("exe", "cgroup") and not s.startswith("/"):
-                    self.error(v, k, f"expected an absolute path starting with '/', got {s!r}")
+                    self.error(v, k, "expected an absolute path starting with '/'")
                 kw[name] = s
             elif name == "user":
                 kw["uids"] = self.users(v, k)
@@ -606,34 +939,131 @@ class _Validator:
         uids = set()
         for item in items:
             value = self.scalar(item)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                uids.add(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if UID_RANGE[0] <= value <= UID_RANGE[1]:
+                    uids.add(value)
+                else:
+                    self.error(item, key, f"expected a uid from 0 to {UID_RANGE[1]}, got one "
+                               f"outside that range{_at(item)}")  # fmt: skip
             elif isinstance(value, str) and value:
-                try:
-                    uids.add(pwd.getpwnam(value).pw_uid)
-                except KeyError:
-                    self.error(item, key, f"no such user {value!r} on this machine")
+                uid = self.uid_of(value)
+                if uid is None:
+                    self.error(item, key, f"no such user on this machine{_at(item)}; check "
+                               "the name, or give the uid")  # fmt: skip
+                else:
+                    uids.add(uid)
             else:
-                self.error(item, key, f"expected a user name or uid, got {_show(value)}")
+                self.error(item, key, f"expected a user name or uid, got {_describe(value)}"
+                           f"{_at(item)}")  # fmt: skip
         return frozenset(uids)
+
+    def uid_of(self, name: str) -> int | None:
+        if name not in self.uids:  # once per name: a long list must not re-read the database
+            try:
+                self.uids[name] = pwd.getpwnam(name).pw_uid
+            except (KeyError, ValueError):
+                self.uids[name] = None
+        return self.uids[name]
 
     def pids(self, node: yaml.Node, key: str) -> frozenset[int] | None:
         items = node.value if isinstance(node, yaml.SequenceNode) else [node]
         pids = set()
+        lo, hi = PID_RANGE
         for item in items:
             value = self.scalar(item)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
                 pids.add(value)
             else:
-                self.error(item, key, f"expected a positive pid, got {_show(value)}")
+                got = (
+                    "one outside that range"
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else _describe(value)
+                )
+                self.error(item, key, f"expected a pid from {lo} to {hi}, got {got}{_at(item)}")
         return frozenset(pids)
 
 
-def _show(value: object) -> str:
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _at(node: yaml.Node) -> str:
+    return f" at column {node.start_mark.column + 1}"
+
+
+def _describe(value: object) -> str:
+    """The kind of a value, for "got ..." in an error: never the value itself."""
+    if value is _UNREADABLE:
+        return "a value its YAML type cannot hold (a bad tag, date or number?)"
     if isinstance(value, yaml.MappingNode):
         return "a mapping"
     if isinstance(value, yaml.SequenceNode):
         return "a list"
     if value is None:
         return "nothing"
-    return f"{type(value).__name__} {value!r}"
+    if isinstance(value, bool):
+        return "true or false (YAML reads unquoted yes, no, on and off as those)"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string" if value else "an empty string"
+    if isinstance(value, bytes):
+        return "binary data"
+    if isinstance(value, datetime.date):
+        return "a date"
+    return f"a value of type {type(value).__name__}"
+
+
+def _explain(e: ValueError, value: object) -> str:
+    """A units.parse_* message, with the kind of value when it was not understood at all."""
+    return f"{e}, got {_describe(value)}" if str(e).startswith("expected") else str(e)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _check_host(host: str, port: int) -> tuple[str, str | None]:
+    """(host as to bind, None), or (_, what is wrong with it). Never repeats the host."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return host, "the address in brackets is not an IPv6 address"
+        return host[1:-1], None
+    if ":" in host:
+        return host, "an IPv6 address goes in brackets, such as [::1]:9847"
+    if not host:
+        return host, "the host is missing (0.0.0.0: every IPv4 interface)"
+    labels = host.removesuffix(".").split(".")
+    if all(label.isascii() and label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return host, "the host is not an IPv4 address (four numbers from 0 to 255)"
+        return host, None
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return host, "the host is neither an IP address nor a host name"
+    if labels[-1].isdigit():  # a name's last label is never all digits (RFC 3696)
+        return host, "the host is not an IPv4 address (four numbers from 0 to 255)"
+    problem = _resolve(host, port)
+    return host, problem and f"the host name does not resolve here ({problem})"
+
+
+def _resolve(host: str, port: int) -> str | None:
+    """None if `host` resolves, else why not. In a thread given RESOLVE_TIMEOUT: a reload
+    must not hang on a slow DNS server (the thread ends when the resolver gives up)."""
+    outcome: list[str | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except (OSError, UnicodeError) as e:
+            outcome.append(getattr(e, "strerror", None) or type(e).__name__)
+
+    t = threading.Thread(target=lookup, name="memdefragd-resolve", daemon=True)
+    t.start()
+    t.join(RESOLVE_TIMEOUT)
+    return outcome[0] if outcome else f"no answer within {RESOLVE_TIMEOUT:g} s"

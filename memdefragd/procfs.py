@@ -80,18 +80,23 @@ def parse_smaps(text: str) -> list[Vma]:
     return vmas
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_stat(text: str) -> dict[str, int | str]:
-    """The fields of /proc/PID/stat that we use. comm may hold spaces and parentheses."""
+    """The fields of /proc/PID/stat that we use. comm may hold spaces and parentheses, and
+    (stat prints it unescaped) control characters: those become "?", so that a process
+    cannot forge lines in our logs by naming itself. Errors never quote the text."""
     lparen, rparen = text.find("("), text.rfind(")")
     if lparen < 0 or rparen < lparen:
-        raise ParseError(f"stat: no (comm) in {text[:80]!r}")
+        raise ParseError("stat: no (comm) field")
     rest = text[rparen + 2 :].split()
     # rest[0] is field 3 (state); field N is rest[N - 3].
     if len(rest) < 22:
         raise ParseError(f"stat: {len(rest) + 2} fields, expected at least 24")
     return {
         "pid": int(text[:lparen]),
-        "comm": text[lparen + 1 : rparen],
+        "comm": _CONTROL.sub("?", text[lparen + 1 : rparen]),
         "state": rest[0],
         "ppid": int(rest[1]),
         "flags": int(rest[6]),

@@ -63,6 +63,11 @@ class Backend(Protocol):
     def refusal(self, method: str) -> str | None:
         """Why this backend cannot carry out `method`, in words for the user; None if it can."""
 
+    def privilege_problems(self) -> list[str]:
+        """One sentence per privilege the daemon lacks on this backend, saying what its
+        absence costs; [] when nothing is missing. Optional: `privilege_problems(backend)`
+        answers [] for a backend without it."""
+
     def execute(
         self, handle: Handle, request: Request, *, should_stop: Callable[[], bool]
     ) -> Outcome:
@@ -71,6 +76,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release what the backend holds open."""
+
+
+def privilege_problems(backend: Backend) -> list[str]:
+    """The backend's privilege problems, [] if it has no such method (a stand-in)."""
+    method = getattr(backend, "privilege_problems", None)
+    return list(method()) if callable(method) else []
 
 
 def open_backend(settings: DaemonSettings) -> Backend:

@@ -51,6 +51,7 @@ from ..backends import Backend, Handle
 from ..backends.kernel.procs import PidHandle
 from ..model import AccessDenied, ProcessGone, ProcessInfo
 from ..targets import Target, select
+from .logs import once as log_once
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,20 @@ PROC_EVENT_EXIT = 0x80000000
 KTHREADD_PID = 2  # parent of every kernel thread: its forks are never user processes
 
 LOOKUP_KINDS = frozenset({"exec", "fork", "comm", "uid"})
+# What Discovery counts as races and failures (exported as memdefragd_races_total kinds):
+# a process gone between its event (or listing) and its lookup; one we may not read; a
+# pidfd we could not open; a lookup that failed otherwise.
+RACES = ("vanished", "denied", "open_failed", "lookup_failed")
 
 # ("exec"|"fork"|"comm"|"uid"|"exit", tgid), ("forked", (parent, child)) or ("lost", reason)
 Event = tuple[str, Any]
 
 _MAX_QUEUE = 200_000  # events buffered for the consumer before we call them lost
+_NETLINK_CONNECTOR, _CN_IDX_PROC = 11, 1  # linux/netlink.h, linux/connector.h
+NAMESPACE_HINT = (
+    "run memdefragd in the host's network, PID and user namespaces for prompt discovery"
+)
+CAPABILITY_HINT = "give memdefragd CAP_NET_ADMIN for prompt discovery"
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
 _SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in Python's socket module
 
@@ -143,15 +153,17 @@ def plan(
     seen: Iterable[ProcessInfo],
     targets: Sequence[Target],
     scope: Collection[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Plan:
     """Compare the tracked processes (`current`: pid -> info as tracked) with processes
     just read (`seen`), matched against `targets`.
 
     `scope` is the set of pids that were looked at: a tracked pid in scope but not seen has
-    exited. None means `seen` is a full listing (every pid is in scope).
+    exited. None means `seen` is a full listing (every pid is in scope). Matching stops
+    early once `should_stop()` is true: then the plan is partial, for the caller to drop.
     """
     by_pid = {p.pid: p for p in seen}
-    matched = {p.pid: (p, t) for p, t in select(by_pid.values(), targets)}
+    matched = {p.pid: (p, t) for p, t in select(by_pid.values(), targets, should_stop)}
     pids = set(current) | set(by_pid) if scope is None else set(scope)
     drop, keep, add = [], [], []
     for pid in sorted(pids):
@@ -254,6 +266,7 @@ class ProcEvents:
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why events are unavailable, if they are
+        self.hint = NAMESPACE_HINT  # and what to do about it
         self.counters: dict[str, int] = {"events": 0, "lost": 0, "resubscribed": 0}
 
     @property
@@ -277,10 +290,9 @@ class ProcEvents:
         if self.error is not None:
             log.warning(
                 "proc events unavailable (%s): new processes will be found by listing /proc "
-                "periodically; run memdefragd in the host's network, PID and user namespaces "
-                "for prompt discovery",
-                self.error,
-            )
+                "periodically; %s",
+                self.error, self.hint,
+            )  # fmt: skip
             return False
         return True
 
@@ -348,6 +360,7 @@ class ProcEvents:
             except Exception as e:
                 if first:
                     self.error = str(e) if isinstance(e, EventsUnavailable) else repr(e)
+                    self.hint = getattr(e, "hint", self.hint)
                     self._started.set()
                     return
                 log.debug("proc events: subscribing again failed: %r", e)
@@ -395,7 +408,11 @@ class ProcEvents:
 
 
 class EventsUnavailable(Exception):
-    """Proc events cannot work here (and trying might block)."""
+    """Proc events cannot work here (and trying might block); `hint` says what to do."""
+
+    def __init__(self, problem: str, hint: str = NAMESPACE_HINT):
+        super().__init__(problem)
+        self.hint = hint
 
 
 def open_socket(rcvbuf: int | None = None) -> Any:
@@ -405,6 +422,7 @@ def open_socket(rcvbuf: int | None = None) -> Any:
     problem = namespace_problem()
     if problem is not None:
         raise EventsUnavailable(problem)
+    _check_permission()
     from pyroute2 import ProcEventSocket
 
     ps = ProcEventSocket()
@@ -420,6 +438,29 @@ def open_socket(rcvbuf: int | None = None) -> Any:
         _close_quietly(ps)
         raise
     return ps
+
+
+def _check_permission() -> None:
+    """Raise EventsUnavailable, naming CAP_NET_ADMIN, if the kernel refuses (EPERM) to let
+    us join the proc connector's group. pyroute2 takes that refusal for a taken port id,
+    tries others and ends in a KeyError that names no cause; so ask the kernel ourselves.
+    Anything else is left for pyroute2 to meet (and report)."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
+    except OSError:
+        return
+    try:
+        s.bind((0, _CN_IDX_PROC))
+    except PermissionError as e:
+        raise EventsUnavailable(
+            "the kernel refused to subscribe to proc events (EPERM): memdefragd lacks "
+            "CAP_NET_ADMIN",
+            hint=CAPABILITY_HINT,
+        ) from e
+    except OSError:
+        pass
+    finally:
+        s.close()
 
 
 def _close_quietly(ps: Any) -> None:
@@ -490,6 +531,11 @@ class Discovery:
     another cgroup); without them (None, or not subscribed), every `fallback_interval`.
     Every `rescan()` restarts that clock, so a caller rescanning on its own schedule does
     not pay twice.
+
+    A rescan's time grows with the number of processes and nothing else (each read of one
+    is bounded; matching is linear in at most MAX_CMDLINE bytes per pattern). Once the
+    backend's listing is in, `should_stop` (the daemon's SIGTERM) cuts a rescan short
+    between processes, changing nothing; `on_rescan` is told each rescan's duration (s).
     """
 
     def __init__(
@@ -503,6 +549,8 @@ class Discovery:
         fallback_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_rescan: Callable[[float], None] | None = None,
     ):
         self.backend = backend
         self.targets: tuple[Target, ...] = tuple(targets)
@@ -512,31 +560,51 @@ class Discovery:
         self.fallback_interval = fallback_interval
         self.clock = clock
         self.sleep = sleep
+        self.should_stop = should_stop
+        self.on_rescan = on_rescan
+        self.listed = 0  # processes the last complete listing read
         self.tracked: dict[int, Tracked] = {}
         self.fork_children: dict[int, int] = {}  # child -> tracked parent, until exec/exit
         self.counters: dict[str, int] = dict.fromkeys(
-            ("rescans", "events", "lost", "lookups", "vanished", "denied", "open_failed"), 0
+            ("rescans", "events", "lost", "lookups", *RACES), 0
         )
         self._last_rescan: float | None = None
 
     # -- the three ways in
 
     def rescan(self) -> Changes:
-        """List every process and reconcile the tracked set with it."""
+        """List every process and reconcile the tracked set with it; when `should_stop()`
+        turns true meanwhile, stop at the next process and change nothing."""
         self.counters["rescans"] += 1
         self._last_rescan = self.clock()
+        t0 = time.perf_counter()
+        try:
+            return self._rescan()
+        finally:
+            if self.on_rescan is not None:
+                self.on_rescan(time.perf_counter() - t0)
+
+    def _rescan(self) -> Changes:
         listing = self.backend.list_processes()
+        if self.should_stop():
+            return Changes()
         seen = {p.pid: p for p in listing}
         # A tracked pid missing from the listing has most likely exited; but a listing
         # skips what it may not read, so ask again before dropping it.
         scope = set(seen) | set(self.tracked)
         for pid in set(self.tracked) - set(seen):
+            if self.should_stop():
+                return Changes()
             info = self._lookup(pid, race=False)
             if info is _DENIED:
                 scope.discard(pid)  # keep it as it is: we cannot tell
             elif info is not None:
                 seen[pid] = info
-        changes = self._apply(plan(self._current(), seen.values(), self.targets, scope))
+        todo = plan(self._current(), seen.values(), self.targets, scope, self.should_stop)
+        if self.should_stop():  # the plan may be partial: drop it
+            return Changes()
+        self.listed = len(listing)
+        changes = self._apply(todo)
         gone = {c: p for c, p in self.fork_children.items() if c not in seen}
         if not gone:
             return changes
@@ -567,6 +635,11 @@ class Discovery:
         """New targets (config reload): every process, tracked or not, is judged again."""
         self.targets = tuple(targets)
         return self.rescan()
+
+    def races(self) -> dict[str, int]:
+        """The races and failures counted so far (RACES), as kinds for an exported counter:
+        `discovery_vanished`, `discovery_denied`, ..."""
+        return {f"discovery_{k}": self.counters[k] for k in RACES}
 
     def close(self) -> None:
         """Close every pidfd; the tracked set is empty afterwards."""
@@ -645,16 +718,21 @@ class Discovery:
 
     def _lookup(self, pid: int, race: bool = True) -> ProcessInfo | object | None:
         """The process now at `pid`; None if it is gone (a race, counted, when an event
-        named it a moment ago), _DENIED if we may not read it."""
+        named it a moment ago), _DENIED if we may not read it, or if reading it failed
+        otherwise (counted and logged once per kind: one pid never costs the others)."""
         self.counters["lookups"] += 1
         try:
             return self.backend.process(pid)
-        except ProcessGone:
+        except (ProcessGone, ProcessLookupError):  # ESRCH from a backend that let it through
             self.counters["vanished"] += race
             return None
         except AccessDenied:
             self.counters["denied"] += 1
             return _DENIED
+        except Exception as e:
+            self.counters["lookup_failed"] += 1
+            _failed(f"cannot read pid {pid}", e)
+            return _DENIED  # keep what we knew of it: the next rescan asks again
 
     def _apply(self, p: Plan) -> Changes:
         dropped: dict[int, str] = {}
@@ -685,6 +763,10 @@ class Discovery:
                 self.counters["open_failed"] += 1
                 log.warning("cannot open a pidfd on pid %d (%s): %s", info.pid, info.comm, e)
                 continue
+            except Exception as e:
+                self.counters["open_failed"] += 1
+                _failed(f"cannot open pid {info.pid}", e)
+                continue
             if _exited(handle):  # a zombie (listed until reaped): nothing left to track
                 handle.close()
                 self.counters["vanished"] += 1
@@ -705,6 +787,15 @@ class Discovery:
 
 
 _DENIED = object()
+
+
+def _failed(what: str, e: Exception) -> None:
+    """An unforeseen error about one process: logged once per kind, by its type only (its
+    text may quote what the process controls), with the traceback at debug level."""
+    log_once(log, ("discovery", type(e).__name__), logging.WARNING,
+             "%s: unexpected %s; carrying on with the other processes (logged once per "
+             "kind)", what, type(e).__name__)  # fmt: skip
+    log.debug("%s", what, exc_info=e)
 
 
 def _exited(handle: object) -> bool:

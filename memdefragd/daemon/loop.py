@@ -14,6 +14,7 @@ exit makes its parent be re-scanned at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -24,11 +25,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..backends import Backend, open_backend
+from ..backends import Backend, open_backend, privilege_problems
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_refusal  # noqa: F401  (cli imports it from here)
 from ..config import Config, load_config
 from ..exporter import (
+    DISCOVERY_BUCKETS,
     PACING_BUCKETS,
     REQUEST_BUCKETS,
     RESTORE_BUCKETS,
@@ -38,6 +40,7 @@ from ..exporter import (
     serve,
     target_figures,
 )
+from ..httpd import HttpServer
 from ..model import (
     PAGE_SIZE,
     PMD_PAGES,
@@ -54,7 +57,7 @@ from .access import FIRST_WINDOW, AccessSampler, open_sampler
 from .discovery import Changes, Discovery, ProcEvents, Tracked
 from .logs import once as log_once
 from .regress import Forks, HugeMemory, coverage
-from .scheduler import Candidate, Scheduler, SchedulerSettings
+from .scheduler import Candidate, Scheduler, SchedulerSettings, pause_kinds
 from .systemd import Notifier, Watchdog, watchdog_interval
 
 log = logging.getLogger("memdefragd")
@@ -84,6 +87,7 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)  # unexpected, by exception type
     request_seconds: dict[str, Histogram] = field(default_factory=dict)  # by method
     scan_hist: Histogram = field(default_factory=lambda: Histogram(SCAN_BUCKETS))
+    discovery_hist: Histogram = field(default_factory=lambda: Histogram(DISCOVERY_BUCKETS))
     outcomes: list[tuple[Outcome, int]] = field(default_factory=list)  # last few, verified
     # Gentle and persistent, by target: forks seen, regressions (cause: fork or drop),
     # bytes made huge again, fork child exit -> coverage restored, rests between requests.
@@ -169,6 +173,14 @@ def check_methods(config: Config, backend: Backend) -> None:
             raise SystemExit(f"memdefragd: method {method!r}: {reason}")
 
 
+def cannot_serve(config: Config, e: OSError) -> str:
+    host, port = config.daemon.metrics_listen or ("", 0)
+    return (
+        f"cannot serve metrics on {host}:{port}: {e.strerror or e}; change or turn off "
+        f"daemon.metrics.listen in {config.path}"
+    )
+
+
 class Daemon:
     def __init__(
         self,
@@ -182,6 +194,8 @@ class Daemon:
     ):
         self.backend = backend or open_backend(config.daemon)
         check_methods(config, self.backend)
+        for problem in privilege_problems(self.backend):  # once per start, each its cost
+            log.warning("%s", problem)
         self.config = config
         self.notifier = notifier or Notifier()
         self.dry_run = dry_run
@@ -192,8 +206,9 @@ class Daemon:
         # simulated machine, whose processes the periodic listing finds.
         self.events = ProcEvents() if events and self.backend.name == "kernel" else None
         self.discovery = Discovery(
-            self.backend, config.targets, self.events, opener=self.backend.open
-        )
+            self.backend, config.targets, self.events, opener=self.backend.open,
+            should_stop=lambda: self.stopping, on_rescan=self.stats.discovery_hist.observe,
+        )  # fmt: skip
         self.compactor = Compactor(config.daemon.compaction_interval)
         self.access: AccessSampler | None = None  # opened by run(), for kernel targets
         self.forks = Forks()
@@ -216,7 +231,9 @@ class Daemon:
         self._next_scan = 0.0
         self.memory: MemoryState | None = None
         self.published: Snapshot | None = None
-        self._http = None
+        self.metrics_server: HttpServer | None = None  # the metrics endpoint, run() starts it
+        self._metrics_listen: tuple[str, int] | None = None  # where metrics_server listens
+        self._serving = False  # run() serves metrics (not with --once)
         interval = watchdog_interval()
         self.watchdog = Watchdog(interval) if interval else None
 
@@ -234,22 +251,21 @@ class Daemon:
         return self._stop.is_set()
 
     def run(self, *, once: bool = False) -> int:
+        """Run until SIGTERM (or one cycle with `once`); 2 if the metrics endpoint cannot
+        be bound (a config error: the address is in the config), before anything started."""
+        self._serving = not once
+        if self._serving:
+            try:
+                self.serve_metrics(self.config)
+            except OSError as e:
+                log.error("%s", cannot_serve(self.config, e))
+                self.backend.close()
+                return 2
         if self.events is not None:
             self.events.start()
         if not once and not self.dry_run:  # both would act on targets only to throw it away
             self.access, how = open_sampler(self.config.daemon.access_source, self.backend.name)
             log.info("%s", how)
-        listen = self.config.daemon.metrics_listen
-        if listen and not once:
-            host, port = listen
-            try:
-                self._http = serve(host, port, lambda: self.published)
-            except OSError as e:
-                raise SystemExit(
-                    f"memdefragd: cannot serve metrics on {host}:{port}: {e.strerror}; "
-                    f"change or turn off daemon.metrics.listen in {self.config.path}"
-                ) from None
-            log.info("metrics on http://%s:%d/metrics", host, self._http[0].server_port)
         try:
             self.discovery.rescan()
             self.notifier.ready(self.status_line())
@@ -270,7 +286,8 @@ class Daemon:
                     log_once(log, ("error", type(e).__name__), logging.ERROR,
                              "unexpected error, carrying on (logged once per kind)",
                              exc_info=True)  # fmt: skip
-                    self.wait(WAIT_STEP)
+                    # not self.wait(): what failed may be discovery itself (EMFILE)
+                    self._stop.wait(WAIT_STEP)
                 self.ping()
         finally:
             self.notifier.stopping()
@@ -280,9 +297,8 @@ class Daemon:
             self.discovery.close()
             if self.events is not None:
                 self.events.stop()
-            if self._http is not None:
-                self._http[0].shutdown()
-                self._http[0].server_close()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             self.backend.close()
         return 0
 
@@ -354,6 +370,47 @@ class Daemon:
             self.notifier.watchdog()
             self.watchdog.pinged(now)
 
+    def serve_metrics(self, config: Config) -> None:
+        """Serve metrics where `config` says (or nowhere), replacing the endpoint only once
+        the new one is bound; OSError, with the old endpoint kept, if it cannot be."""
+        want = config.daemon.metrics_listen
+        if want == self._metrics_listen:  # None exactly when metrics_server is None
+            return
+        old = self.metrics_server
+        try:
+            new = self._bind_metrics(want)
+        except OSError as e:
+            # Same port, another address (127.0.0.1 -> 0.0.0.0): the old socket is in the
+            # way. Let it go, try again, and take it back if that fails too.
+            if old is None or e.errno != errno.EADDRINUSE or want is None or want[1] != old.port:
+                raise
+            old.stop()
+            self.metrics_server = None
+            try:
+                new = self._bind_metrics(want)
+            except OSError:
+                try:
+                    self.metrics_server = self._bind_metrics(self._metrics_listen)
+                except OSError as back:
+                    self._metrics_listen = None
+                    log.error("metrics endpoint off: %s", cannot_serve(self.config, back))
+                raise e from None
+        else:
+            if old is not None:
+                old.stop()
+        self.metrics_server, self._metrics_listen = new, want
+        if new is None and old is not None:
+            log.info("metrics endpoint off (daemon.metrics.listen: off)")
+
+    def _bind_metrics(self, listen: tuple[str, int] | None) -> HttpServer | None:
+        if listen is None:
+            return None
+        host, port = listen
+        server = serve(host, port, lambda: self.published)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", shown, server.port)
+        return server
+
     def reload(self) -> None:
         """SIGHUP: a bad new config keeps the old one running, and says why."""
         self.notifier.reloading()
@@ -365,6 +422,11 @@ class Daemon:
                     "restart memdefragd to change them"
                 )
             check_methods(new, self.backend)
+            if self._serving:  # last: nothing that follows can fail
+                try:
+                    self.serve_metrics(new)
+                except OSError as e:
+                    raise RuntimeError(cannot_serve(new, e)) from None
         except (Exception, SystemExit) as e:  # ConfigError, or a method refused
             self.stats.reloads["failed"] += 1
             log.error("reload failed, keeping the running config: %s", e)
@@ -434,8 +496,13 @@ class Daemon:
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
             self.stats.races[kind] += 1
-            log_once(log, (kind, tracked.proc.pid), logging.INFO, "skipping pid %d (%s): %s",
-                 tracked.proc.pid, tracked.proc.comm, e)  # fmt: skip
+            # Counted either way; logged at INFO once per target and kind, since a local
+            # user can start matching processes that exit at once, thousands a second.
+            if not log_once(log, (kind, tracked.target.name), logging.INFO,
+                            "skipping pid %d (%s): %s (more of target %s: counted in "
+                            "memdefragd_races_total, logged at debug level)", tracked.proc.pid,
+                            tracked.proc.comm, e, tracked.target.name):  # fmt: skip
+                log.debug("skipping pid %d (%s): %s", tracked.proc.pid, tracked.proc.comm, e)
             self.forget(tracked.proc.pid)
             return
         took = time.perf_counter() - t0
@@ -549,11 +616,14 @@ class Daemon:
                 out.append(c)
         return out
 
-    def update_pressure(self, state=None) -> None:
+    def update_pressure(self, state: MemoryState | None = None) -> None:
+        """Pause or resume on this reading of memory state. Logged once per transition:
+        when a pause starts, when its cause changes (PSI to MemAvailable, say) and when it
+        ends; not when only its figures move, as they do at every reading."""
         state = state or self.backend.memory_state()
         self.scheduler.pressure(state, self.clock())
         reason = self.scheduler.paused
-        if reason != self.paused:
+        if pause_kinds(reason) != pause_kinds(self.paused):
             if reason:
                 log.warning("pausing: %s", reason)
             else:
@@ -682,7 +752,7 @@ class Daemon:
             bytes_done=dict(s.bytes_done),
             bytes_verified=dict(s.bytes_verified),
             failures=dict(s.failures),
-            races=dict(s.races),
+            races={**s.races, **self.discovery.races()},  # scans' races, discovery's
             errors=dict(s.errors),
             reloads=dict(s.reloads),
             request_seconds={m: h.copy() for m, h in s.request_seconds.items()},
@@ -707,6 +777,9 @@ class Daemon:
             recollapsed=dict(s.recollapsed),
             fork_restore={t: h.copy() for t, h in s.fork_restore.items()},
             pacing={t: h.copy() for t, h in s.pacing.items()},
+            discovery_seconds=s.discovery_hist.copy(),
+            discovery_listed=self.discovery.listed,
+            discovery_tracked=len(self.discovery.tracked),
         )
 
     def forget(self, pid: int) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "benefit_per_byte",
     "heat_of",
     "merge_ranges",
+    "pause_kinds",
     "pressure_reason",
     "priority_weight",
     "region_cost",
@@ -439,6 +440,25 @@ def pressure_reason(state: MemoryState, settings: SchedulerSettings) -> str | No
             f"MemAvailable {available / MiB:.0f} MiB < {settings.min_available_bytes / MiB:.0f} MiB"
         )
     return "; ".join(reasons) or None
+
+
+def pause_kinds(reason: str | None) -> tuple[str, ...]:
+    """What a pause reason is about, without its figures: for each "; "-separated part, its
+    words before any ":" and up to the first figure ("PSI memory some avg10 25% > 10%" ->
+    "PSI memory some avg10", "MemAvailable 512 MiB < 1024 MiB" -> "MemAvailable"). The
+    figures move with every reading; the kinds change only when the cause does, which is
+    when a pause is worth a log line."""
+    kinds = []
+    for part in (reason or "").split("; "):
+        if not part.strip():
+            continue
+        words = []
+        for word in part.split(":", 1)[0].split():
+            if word[0].isdigit():
+                break
+            words.append(word)
+        kinds.append(" ".join(words))
+    return tuple(kinds)
 
 
 # ------------------------------------------------------------------------------ budgets

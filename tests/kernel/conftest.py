@@ -9,7 +9,7 @@ import pytest
 
 from memdefragd.backends.kernel import KernelBackend
 
-from .helpers import Child, require_kernel, start_child
+from .helpers import Child, Daemon, require_kernel, start_child
 
 
 @pytest.fixture
@@ -55,3 +55,17 @@ def pfns(backend):
     vis = backend.pfn_visibility()
     require_kernel(vis.visible, vis.reason)
     return vis
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(*a, **kw) -> Daemon:
+        d = Daemon(*a, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -13,8 +13,10 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -433,3 +435,282 @@ def stable_read(pid: int, start: int, end: int, fn, attempts: int = 6):
             return before, result
         time.sleep(0.2)
     pytest.fail(f"the layout of pid {pid} kept changing over {attempts} attempts")
+
+
+def write_config(
+    path: Path, comm: str, extra: str = "", listen: str = "off", pacing: str = "duty_cycle: 50%"
+) -> Path:
+    """Budgets and the pressure guard out of the way; paced (the default) but at 50%, ten
+    times the default duty cycle, so that tests wait seconds, not minutes."""
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            daemon:
+              scan_interval: 1s
+              budget: {{bytes_per_second: 8GiB, cpu_share: 1.0}}
+              pressure: {{psi_some_avg10: 100, min_available: 0}}
+              pacing: {{{pacing}}}
+              metrics: {{listen: "{listen}"}}
+            {extra}
+            targets:
+              - name: testee
+                match: {{comm: '^{comm}$'}}
+            """
+        )
+    )
+    os.chmod(path, 0o644)
+    return path
+
+
+class Daemon:
+    """`memdefragd run` as a subprocess, its log lines collected."""
+
+    def __init__(self, config: Path, *args: str, env: dict | None = None):
+        self.log_path = config.with_suffix(".log")
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(config), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 30.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.text()
+            if needle in text:
+                return text
+            assert self.proc.poll() is None, f"daemon exited early:\n{text}"
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{needle!r} not in the daemon's log within {timeout} s:\n{self.text()}"
+        )
+
+    def wait_settled(self, timeout: float = 30.0) -> str:
+        """Until a scan after the last request found nothing to do (so figures settle). The
+        first scan queues nothing either: the daemon waits for an access window first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.text()
+            if "scanned 1 process(es): 0 MiB queued" in text.rpartition("collapse pid")[2]:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"no idle scan after the work within {timeout} s:\n{self.text()}")
+
+    def stop(self, timeout: float = 5.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+# A hostile target: anonymous segments (2 MiB-aligned, every 8-byte word of page p holding
+# a tag unique to that page and its last write), mutated for `seconds` while a daemon works
+# on them: munmap (whole 2 MiB regions or odd page runs), mremap to a new aligned address,
+# mprotect to PROT_READ and back (the range is verified while read-only), fork (the child
+# verifies its copy-on-write view and exits 0, or 1 on a bad word), rewrites with new tags,
+# new segments. Every operation is followed by a check of one segment and every second by
+# all of them. Ends with one JSON line: {"words": 8-byte words checked, "bad": wrong ones,
+# "fork_bad": fork children that saw a wrong word, "ops": {name: count}, "huge": the most
+# AnonHugePages bytes seen}.
+HOSTILE_SCRIPT = r"""
+import ctypes, json, os, random, struct, sys, time
+
+cfg = json.loads(sys.argv[1])
+PAGE, PMD, WORDS = 4096, 2 << 20, 512
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long)
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong)
+FAILED = ctypes.c_void_p(-1).value
+
+
+def check(ok, what):
+    if not ok:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+check(libc.prctl(15, cfg["comm"].encode(), 0, 0, 0) == 0, "PR_SET_NAME")
+rng = random.Random(cfg.get("seed", os.getpid()))
+next_tag = [os.getpid() << 40]
+segs = []  # [addr, [tag per page]]
+ops = {}
+
+
+def tags(n):
+    first = next_tag[0]
+    next_tag[0] += n
+    return list(range(first, first + n))
+
+
+def reserve(size):
+    # A PMD-aligned range of `size` bytes: mapped PROT_NONE, the slack around it unmapped.
+    raw = libc.mmap(None, size + PMD, 0, 0x22, -1, 0)
+    check(raw not in (None, FAILED), "mmap")
+    addr = (raw + PMD - 1) & ~(PMD - 1)
+    if addr > raw:
+        check(libc.munmap(raw, addr - raw) == 0, "munmap head")
+    if raw + PMD > addr:
+        check(libc.munmap(addr + size, raw + PMD - addr) == 0, "munmap tail")
+    return addr
+
+
+def write(addr, tag_list):
+    for i, tag in enumerate(tag_list):
+        ctypes.memmove(addr + i * PAGE, struct.pack("<Q", tag) * WORDS, PAGE)
+
+
+def verify(addr, tag_list):
+    words = bad = 0
+    for i, tag in enumerate(tag_list):
+        want = struct.pack("<Q", tag)
+        got = ctypes.string_at(addr + i * PAGE, PAGE)
+        words += WORDS
+        if got != want * WORDS:
+            bad += sum(got[j:j + 8] != want for j in range(0, PAGE, 8))
+    return words, bad
+
+
+def new_segment():
+    n = cfg["segment"] // PAGE
+    addr = reserve(n * PAGE)
+    check(libc.mprotect(addr, n * PAGE, 3) == 0, "mprotect RW")
+    segs.append([addr, tags(n)])
+    write(addr, segs[-1][1])
+
+
+def span(seg):
+    # A random page range [lo, hi) of a segment: whole 2 MiB regions or an odd run.
+    n = len(seg[1])
+    if rng.random() < 0.5 and n >= 2 * WORDS:
+        lo = rng.randrange(0, n // WORDS) * WORDS
+        return lo, min(n, lo + WORDS)
+    lo = rng.randrange(0, n)
+    return lo, min(n, lo + rng.randint(1, 64))
+
+
+def op_munmap(seg):
+    lo, hi = span(seg)
+    check(libc.munmap(seg[0] + lo * PAGE, (hi - lo) * PAGE) == 0, "munmap")
+    segs.remove(seg)
+    if lo:
+        segs.append([seg[0], seg[1][:lo]])
+    if hi < len(seg[1]):
+        segs.append([seg[0] + hi * PAGE, seg[1][hi:]])
+
+
+def op_mremap(seg):
+    size = len(seg[1]) * PAGE
+    dst = reserve(size)
+    got = libc.mremap(seg[0], size, size, 3, dst)  # MREMAP_MAYMOVE | MREMAP_FIXED
+    if got in (None, FAILED):  # spans two VMAs that did not merge again: not an error here
+        check(libc.munmap(dst, size) == 0, "munmap unused")
+        ops["mremap_refused"] = ops.get("mremap_refused", 0) + 1
+        return
+    seg[0] = got
+
+
+def op_mprotect(seg):
+    lo, hi = span(seg)
+    addr, length = seg[0] + lo * PAGE, (hi - lo) * PAGE
+    check(libc.mprotect(addr, length, 1) == 0, "mprotect PROT_READ")
+    total[0] += verify(addr, seg[1][lo:hi])[0]
+    check(libc.mprotect(addr, length, 3) == 0, "mprotect RW")
+
+
+def op_rewrite(seg):
+    lo, hi = span(seg)
+    seg[1][lo:hi] = tags(hi - lo)
+    write(seg[0] + lo * PAGE, seg[1][lo:hi])
+
+
+forks = []
+
+
+def op_fork(seg):
+    pid = os.fork()
+    if pid == 0:
+        bad = sum(verify(a, t)[1] for a, t in segs)
+        os._exit(1 if bad else 0)
+    forks.append(pid)
+    write(seg[0], seg[1])  # the same words, but writes: copy-on-write splits under the child
+
+
+def huge():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("AnonHugePages:"))
+
+
+for _ in range(cfg["segments"]):
+    new_segment()
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+total, bad, fork_bad, most = [0], 0, 0, 0
+OPS = {"munmap": op_munmap, "mremap": op_mremap, "mprotect": op_mprotect,
+       "rewrite": op_rewrite, "fork": op_fork}
+end = time.monotonic() + cfg["seconds"]
+last_full = time.monotonic()
+while time.monotonic() < end:
+    if len(segs) < cfg["segments"] or sum(len(t) for _, t in segs) * PAGE < cfg["segments"] * cfg["segment"] // 2:
+        new_segment()
+    name = rng.choice(list(OPS)) if rng.random() < 0.9 else "mremap"
+    if name == "fork" and rng.random() > 0.1:
+        name = "rewrite"  # forks hold the daemon back from the parent: keep them rare
+    OPS[name](rng.choice(segs))
+    ops[name] = ops.get(name, 0) + 1
+    seg = rng.choice(segs)
+    w, b = verify(*seg)
+    total[0] += w
+    bad += b
+    if time.monotonic() - last_full > 1.0:
+        for a, t in segs:
+            w, b = verify(a, t)
+            total[0] += w
+            bad += b
+        most = max(most, huge())
+        last_full = time.monotonic()
+    time.sleep(cfg.get("pause", 0.02))
+for a, t in segs:
+    w, b = verify(a, t)
+    total[0] += w
+    bad += b
+most = max(most, huge())
+for pid in forks:
+    fork_bad += os.waitpid(pid, 0)[1] != 0
+print(json.dumps({"words": total[0], "bad": bad, "fork_bad": fork_bad, "forks": len(forks),
+                  "ops": ops, "huge": most}), flush=True)
+"""
+
+
+def start_hostile(
+    comm: str, seconds: float, *, segments: int = 4, segment: int = 16 * MiB, seed: int = 0
+) -> subprocess.Popen:
+    """Start HOSTILE_SCRIPT and wait until its segments are written ("ready"); read its
+    JSON line from stdout once it ends. The caller kills it if the test fails first."""
+    cfg = {"comm": comm, "seconds": seconds, "segments": segments, "segment": segment}
+    if seed:
+        cfg["seed"] = seed
+    popen = subprocess.Popen(
+        [sys.executable, "-c", HOSTILE_SCRIPT, json.dumps(cfg)], stdout=subprocess.PIPE, text=True
+    )
+    line = _readline(popen, 60.0)
+    if line != "ready\n":
+        popen.kill()
+        popen.wait()
+        raise RuntimeError(f"hostile child {popen.pid} did not start: {line!r}")
+    return popen

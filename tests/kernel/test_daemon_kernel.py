@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import MiB, require_kernel
+from .helpers import MiB, require_kernel, write_config
 
 pytestmark = pytest.mark.kernel
 
@@ -31,94 +29,6 @@ def anon_huge(pid: int, addr: int) -> int:
         elif inside and line.startswith("AnonHugePages:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VMA at 0x{addr:x}")
-
-
-def write_config(
-    path: Path, comm: str, extra: str = "", listen: str = "off", pacing: str = "duty_cycle: 50%"
-) -> Path:
-    """Budgets and the pressure guard out of the way; paced (the default) but at 50%, ten
-    times the default duty cycle, so that tests wait seconds, not minutes."""
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            daemon:
-              scan_interval: 1s
-              budget: {{bytes_per_second: 8GiB, cpu_share: 1.0}}
-              pressure: {{psi_some_avg10: 100, min_available: 0}}
-              pacing: {{{pacing}}}
-              metrics: {{listen: "{listen}"}}
-            {extra}
-            targets:
-              - name: testee
-                match: {{comm: '^{comm}$'}}
-            """
-        )
-    )
-    os.chmod(path, 0o644)
-    return path
-
-
-class Daemon:
-    """`memdefragd run` as a subprocess, its log lines collected."""
-
-    def __init__(self, config: Path, *args: str, env: dict | None = None):
-        self.log_path = config.with_suffix(".log")
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memdefragd.cli", "run", "-c", str(config), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, needle: str, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.text()
-            if needle in text:
-                return text
-            assert self.proc.poll() is None, f"daemon exited early:\n{text}"
-            time.sleep(0.1)
-        raise AssertionError(
-            f"{needle!r} not in the daemon's log within {timeout} s:\n{self.text()}"
-        )
-
-    def wait_settled(self, timeout: float = 30.0) -> str:
-        """Until a scan after the last request found nothing to do (so figures settle). The
-        first scan queues nothing either: the daemon waits for an access window first."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.text()
-            if "scanned 1 process(es): 0 MiB queued" in text.rpartition("collapse pid")[2]:
-                return text
-            time.sleep(0.1)
-        raise AssertionError(f"no idle scan after the work within {timeout} s:\n{self.text()}")
-
-    def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.log.close()
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-
-    def start(*a, **kw) -> Daemon:
-        d = Daemon(*a, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
 
 
 def test_daemon_collapses_a_target_and_loses_no_byte(spawn, daemons, tmp_path):
@@ -387,3 +297,35 @@ def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
     (info,) = [dict(lb) for n, lb in samples if n == "memdefragd_config_info"]
     assert info["sha256"].startswith(re.search(r"sha256 ([0-9a-f]+)", log)[1])
     assert not any("pid" in dict(labels) for _, labels in samples)  # no pid labels, ever
+
+
+def test_without_capabilities_the_log_names_each_missing_one(spawn, tmp_path):
+    spawn(8 * MiB, comm="mdd-nocaps")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-nocaps")
+    require_kernel(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
+    setpriv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    log_path = tmp_path / "nocaps.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(
+            [*setpriv, sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and "scanned 1 process" not in log_path.read_text():
+                assert p.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(10) == 0
+    text = log_path.read_text()
+    for cap in (
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_SYS_NICE",
+        "CAP_NET_ADMIN",
+    ):
+        assert text.count(f"no {cap}: ") == 1, text
+    assert "proc events unavailable" in text and "lacks CAP_NET_ADMIN" in text, text
+    assert "namespaces" not in text and "Traceback" not in text, text

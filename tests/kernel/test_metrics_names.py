@@ -15,8 +15,8 @@ from urllib.request import urlopen
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import MiB
-from .test_daemon_kernel import Daemon, anon_huge, write_config
+from .helpers import Daemon, MiB, write_config
+from .test_daemon_kernel import anon_huge
 
 pytestmark = pytest.mark.kernel
 

@@ -11,8 +11,8 @@ import pytest
 
 from memdefragd.backends.kernel.damon import Damon, DamonUnavailable
 
-from .helpers import PMD, MiB, require_kernel
-from .test_daemon_kernel import anon_huge, daemons, write_config  # noqa: F401 (fixture)
+from .helpers import PMD, MiB, require_kernel, write_config
+from .test_daemon_kernel import anon_huge
 
 pytestmark = pytest.mark.kernel
 
@@ -34,7 +34,7 @@ def wait_huge(child, want: float, timeout: float, d) -> int:
     return huge
 
 
-def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons, tmp_path):  # noqa: F811
+def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons, tmp_path):
     scan = 5.0
     child = spawn(256 * MiB, pattern=True, forkable=True, comm="mdd-forker")
     cfg = write_config(tmp_path / "m.yaml", "mdd-forker", pacing="latency_sensitive: false")
@@ -62,7 +62,7 @@ def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons,
     assert result["bad"] == [] and result["checked"] == child.size // 4096
 
 
-def test_hot_part_of_the_heap_is_collapsed_before_the_cold_part(spawn, daemons, tmp_path):  # noqa: F811
+def test_hot_part_of_the_heap_is_collapsed_before_the_cold_part(spawn, daemons, tmp_path):
     # Cold half first in address order (so address order alone would do it the wrong way
     # round), a PROT_NONE page between the halves (the Referenced fallback measures per
     # VMA), a thread reading every page of the hot half and every 32nd of the cold one.

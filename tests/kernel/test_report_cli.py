@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,3 +140,18 @@ def test_system_section_matches_procfs():
     assert all(0.0 <= x <= 1.0 for z in zones for x in z["unusable_index"])
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         assert f"[{doc['system']['thp']['enabled']}]" in f.read()
+
+
+@pytest.mark.parametrize("watch", [(), ("--watch", "0.1")])
+def test_report_into_a_pipe_whose_reader_left_exits_quietly(watch):
+    """`memdefragd report | head`: head exits, the next write meets a closed pipe."""
+    r, w = os.pipe()
+    os.close(r)  # a reader that has gone already: the first write fails, every time
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "memdefragd.cli", "report", "--pid", str(os.getpid()), *watch],
+            stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (1, "")

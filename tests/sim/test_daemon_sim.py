@@ -108,7 +108,7 @@ def wait_until(cond, timeout: float = 60.0) -> None:
 @pytest.mark.parametrize("method", ["collapse", "ranger-improved"])
 def test_daemon_defragments_the_target_and_exports_what_it_did(running, method):
     d = running(method)
-    wait_until(lambda: d.published is not None and d._http is not None)
+    wait_until(lambda: d.published is not None and d.metrics_server is not None)
     before, present = thp_coverage(d.backend, "simdb")
     bystander_before = thp_coverage(d.backend, "bystander")
     # Done: a full cycle after some verified work found nothing left to queue.
@@ -126,7 +126,7 @@ def test_daemon_defragments_the_target_and_exports_what_it_did(running, method):
     assert thp_coverage(d.backend, "bystander") == bystander_before
 
     d.publish()  # the snapshot scrapes see is this instant's
-    m = scrape(d._http[0].server_port)
+    m = scrape(d.metrics_server.port)
     outcomes = [o for o, _ in d.stats.outcomes]
     assert len(outcomes) < 100  # the last 100 are kept: all of them here
     work = (("method", method), ("target", "db"))

@@ -267,6 +267,38 @@ def test_rescan_keeps_a_tracked_process_it_may_no_longer_read():
     assert 1 in d.tracked and d.counters["denied"] == 1
 
 
+def test_rescan_stops_between_processes_when_told_and_changes_nothing():
+    """SIGTERM in the middle of a rescan of thousands of processes: matching stops at the
+    next process, the tracked set stays as it was, and the rescan's time is still told."""
+    stop = threading.Event()
+
+    class Pattern:  # a comm pattern that asks the daemon to stop at its 100th search
+        searches = 0
+
+        def search(self, text):
+            Pattern.searches += 1
+            if Pattern.searches == 100:
+                stop.set()
+            return text.startswith("redis")
+
+    target = Target("redis", Matcher(comm=Pattern()))
+    b = FakeBackend(proc(1, "redis"))
+    took: list[float] = []
+    d, _ = discovery(b, [target], should_stop=stop.is_set, on_rescan=took.append)
+    d.rescan()
+    assert set(d.tracked) == {1} and d.listed == 1
+    b.procs = {pid: proc(pid, "redis") for pid in range(10, 5010)}  # pid 1 exited
+
+    assert d.rescan() == Changes()
+    assert Pattern.searches == 100  # not 5,000: it stopped at once
+    assert set(d.tracked) == {1} and not d.tracked[1].handle.closed and d.listed == 1
+
+    stop.clear()
+    ch = d.rescan()
+    assert dict(ch.dropped) == {1: EXITED} and len(ch.added) == 5000 and d.listed == 5000
+    assert len(took) == 3 and all(t >= 0 for t in took)
+
+
 def test_poll_event_flow_exec_comm_fork_exit():
     b = FakeBackend(proc(1, "bash"))
     ev = FakeEvents()
@@ -327,6 +359,71 @@ def test_poll_opener_races_are_counted():
     d, _ = discovery(b, [REDIS], opener=opener)
     assert not d.rescan() and not d.tracked
     assert (d.counters["vanished"], d.counters["denied"], d.counters["open_failed"]) == (1, 1, 1)
+
+
+class Garbled(Exception):
+    pass
+
+
+def test_a_pid_failing_mid_batch_costs_no_other_pid(caplog):
+    """ESRCH raised raw (a process exiting as /proc/PID is opened), or anything unforeseen,
+    for one pid of a batch: counted, logged once, and the rest of the batch still lands."""
+
+    class Racy(FakeBackend):
+        def process(self, pid):
+            if pid == 6:
+                raise ProcessLookupError(3, "No such process")
+            if pid == 7:
+                raise Garbled("stat: text the process controls")
+            return super().process(pid)
+
+    def opener(info):
+        if info.pid == 9:
+            raise Garbled("pidfd")
+        return FakeHandle(info)
+
+    b = Racy(*(proc(pid, "redis") for pid in (5, 8, 9)))
+    d, _ = discovery(b, [REDIS], FakeEvents(), opener=opener)
+    with caplog.at_level("WARNING", logger="memdefragd.daemon.discovery"):
+        ch = d.handle([("exec", 5), ("exec", 6), ("exec", 7), ("exec", 8), ("exec", 9)])
+        d.handle([("exec", 7)])
+    assert dict(ch.added) == {5: "redis", 8: "redis"} and set(d.tracked) == {5, 8}
+    assert d.races() == {
+        "discovery_vanished": 1, "discovery_denied": 0,
+        "discovery_open_failed": 1, "discovery_lookup_failed": 2,
+    }  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "unexpected Garbled" in warned[0], warned  # once per kind
+    assert "the process controls" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [("open", ProcessLookupError(3, "No such process")), ("pidfd_open", OSError(22, "EINVAL"))],
+)
+def test_kernel_backend_turns_a_process_exiting_mid_open_into_process_gone(
+    monkeypatch, call, error
+):
+    """ESRCH from opening /proc/PID, EINVAL from pidfd_open (the pid leads no process any
+    more): both are "process gone" to discovery, as ENOENT always was."""
+    import os
+
+    from memdefragd.backends.kernel import KernelBackend, procs
+
+    real = getattr(os, call)
+
+    def fail(target, *a, **kw):  # only ours: os.open serves everyone else meanwhile
+        if target == os.getpid() or str(target).startswith(f"/proc/{os.getpid()}"):
+            raise error
+        return real(target, *a, **kw)
+
+    monkeypatch.setattr(procs.os, call, fail)
+    b = KernelBackend()
+    with pytest.raises(ProcessGone):
+        if call == "open":
+            b.process(os.getpid())
+        else:
+            b.open(proc(os.getpid(), "me"))
 
 
 def test_lost_event_means_a_full_rescan():

@@ -145,3 +145,17 @@ def test_persistence_families():
     assert m["memdefragd_recollapsed_bytes_total", (("target", "db"),)] == 8 << 20
     assert m["memdefragd_fork_restore_seconds_sum", (("target", "db"),)] == 1.5
     assert m["memdefragd_pacing_delay_seconds_count", (("target", "db"),)] == 1
+
+
+def test_discovery_families():
+    """What listing and matching every process costs per rescan, and what it found."""
+    took = Histogram(exporter.DISCOVERY_BUCKETS)
+    for seconds in (0.004, 0.3, 0.3):
+        took.observe(seconds)
+    m = scrape(snapshot(discovery_seconds=took, discovery_listed=812, discovery_tracked=3))
+    assert m["memdefragd_discovery_duration_seconds_count", ()] == 3
+    assert m["memdefragd_discovery_duration_seconds_bucket", (("le", "0.005"),)] == 1
+    assert m["memdefragd_discovery_duration_seconds_bucket", (("le", "0.5"),)] == 3
+    assert m["memdefragd_discovery_listed_processes", ()] == 812
+    assert m["memdefragd_discovery_tracked_processes", ()] == 3
+    assert m["memdefragd_collector_success", (("collector", "discovery"),)] == 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import MappingProxyType
 
 from memdefragd.config import parse_config
 from memdefragd.daemon.loop import Daemon
-from memdefragd.model import MemoryState, PfnVisibility, ZoneFree
+from memdefragd.model import MemoryState, PfnVisibility, Pressure, ZoneFree
 
 
 class FlakyBackend:
@@ -116,3 +117,41 @@ def test_reload_keeps_the_backend_it_started_with(tmp_path):
     d.reload()
     assert d.stats.reloads == {"failed": 1, "ok": 1}
     assert [t.name for t in d.config.targets] == ["u"]
+
+
+def test_pressure_pause_is_logged_once_per_transition_not_per_reading():
+    """PSI avg10 wandering above the threshold for 200 readings is one pause, one line;
+    a change of cause (MemAvailable) and the end of the pause are one line each."""
+
+    def reading(avg10: float, available: int = 1 << 40) -> MemoryState:
+        return MemoryState(
+            zones=(), pagetype_free=None, vmstat={}, thp={}, khugepaged={},
+            pressure_some=Pressure(avg10, avg10, avg10, 0), pressure_full=None,
+            meminfo=MappingProxyType({"MemAvailable": available}),
+        )  # fmt: skip
+
+    cfg = parse_config("daemon: {pressure: {psi_some_avg10: 10}}\ntargets:\n  - name: t\n")
+    d = Daemon(cfg, backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda r: lines.append(f"{r.levelname} {r.getMessage()}")  # type: ignore[method-assign]
+    logger = logging.getLogger("memdefragd")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(200):
+            d.update_pressure(reading(11.0 + i % 37 * 0.7))
+        assert d.paused == "PSI memory some avg10 20.8% > 10%"  # the latest figures
+        d.update_pressure(reading(0.0, available=1 << 20))
+        d.update_pressure(reading(0.0, available=2 << 20))
+        d.update_pressure(reading(0.0))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [line.split(":")[0] for line in lines] == [
+        "WARNING pausing",
+        "WARNING pausing",
+        "INFO resuming",
+    ], lines
+    assert "MemAvailable 1 MiB" in lines[1] and d.paused is None

@@ -451,6 +451,15 @@ def test_parse_stat_recorded_comm_with_parens_and_spaces() -> None:
     assert not int(st["flags"]) & PF_KTHREAD
 
 
+def test_parse_stat_comm_cannot_forge_log_lines_and_errors_quote_nothing() -> None:
+    """stat prints comm unescaped: a process named "x\\nERROR y" must not start a log line."""
+    text = fixture("recorded/stat_comm_parens.txt").replace("(a) b)", "(x\nERROR\x1b[2J y)")
+    assert parse_stat(text)["comm"] == "(x?ERROR?[2J y)"
+    with pytest.raises(ParseError) as e:
+        parse_stat("4938 secret-looking-text R 1")
+    assert "secret" not in str(e.value)
+
+
 def test_parse_stat_recorded_kthread() -> None:
     st = parse_stat(fixture("recorded/stat_kthreadd.txt"))
     assert (st["pid"], st["comm"], st["state"], st["ppid"]) == (2, "kthreadd", "S", 0)

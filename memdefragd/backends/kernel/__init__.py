@@ -21,10 +21,10 @@ from ...model import (
 )
 from . import collapse as _collapse  # the module: tests patch its syscall wrapper
 from .pagemap import WINDOW_PAGES, PagemapReader
+from .privileges import CAP_SYS_ADMIN, effective_capabilities, privilege_problems
 from .procs import PidHandle, ProcDir, list_pids
 from .ranger import ranger_refusal
 
-CAP_SYS_ADMIN = 21
 DENSE_VMA_BYTES = 64 << 20  # below this, reading a VMA straight through costs little
 
 THP_KNOBS = ("enabled", "defrag", "use_zero_page", "hpage_pmd_size", "shmem_enabled")
@@ -63,6 +63,10 @@ class KernelBackend:
 
     def open(self, proc: ProcessInfo) -> PidHandle:
         return PidHandle(proc, self.proc_root)
+
+    def privilege_problems(self) -> list[str]:
+        """Each capability the daemon lacks, with what that costs (empty: none missing)."""
+        return privilege_problems(self.proc_root)
 
     def refusal(self, method: str) -> str | None:
         if method == "collapse":
@@ -223,14 +227,9 @@ def _distrust_zero_pfns(layout: Layout) -> Layout:
 
 
 def _pfn_visibility(proc_root: str) -> PfnVisibility:
-    try:
-        status = Path(proc_root, "self/status").read_text()
-    except OSError as e:
-        return PfnVisibility(False, f"cannot read {proc_root}/self/status: {e.strerror}")
-    cap_eff = next(
-        (int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")),
-        0,
-    )
+    cap_eff = effective_capabilities(proc_root)
+    if cap_eff is None:
+        return PfnVisibility(False, f"cannot read CapEff from {proc_root}/self/status")
     if not cap_eff & (1 << CAP_SYS_ADMIN):
         return PfnVisibility(
             False,

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from ... import procfs
 from ...model import PAGE_SIZE, AccessDenied, ProcessGone, ProcessInfo
+from ...targets import MAX_CMDLINE
 
 
 class ProcDir:
@@ -22,8 +23,11 @@ class ProcDir:
         self.pid = pid
         try:
             self.fd = os.open(f"{proc_root}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError) as e:
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError) as e:
+            # ESRCH (ProcessLookupError): the process is exiting at this very moment
             raise ProcessGone(f"pid {pid}: no such process") from e
+        except PermissionError as e:  # hidepid=noaccess, for one
+            raise AccessDenied(f"pid {pid}: {e.strerror}") from e
 
     def close(self) -> None:
         os.close(self.fd)
@@ -38,13 +42,17 @@ class ProcDir:
         with translate_errors(self.pid, name):
             return os.open(name, flags | os.O_CLOEXEC, dir_fd=self.fd)
 
-    def read_text(self, name: str) -> str:
+    def read_text(self, name: str, limit: int | None = None) -> str:
+        """The file's text (bytes that are not UTF-8 kept as surrogate escapes); with
+        `limit`, only its first `limit` bytes are read."""
         fd = self.open(name)
         try:
             with translate_errors(self.pid, name):
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
+                chunks: list[bytes] = []
+                size, most = 0, (1 << 62) if limit is None else limit
+                while size < most and (chunk := os.read(fd, min(most - size, 1 << 20))):
                     chunks.append(chunk)
+                    size += len(chunk)
         finally:
             os.close(fd)
         return b"".join(chunks).decode("utf-8", "surrogateescape")
@@ -63,7 +71,9 @@ class ProcDir:
         stat = procfs.parse_stat(self.read_text("stat"))
         if int(stat["flags"]) & procfs.PF_KTHREAD:
             raise ProcessGone(f"pid {self.pid}: kernel thread, no user memory")
-        raw = self.read_text("cmdline")
+        # Its owner controls it, up to megabytes: read what a `cmdline` pattern sees and no
+        # more (byte for byte, with the NULs between arguments as the spaces it sees).
+        raw = self.read_text("cmdline", limit=MAX_CMDLINE)
         cmdline = tuple(raw.rstrip("\0").split("\0")) if raw else ()
         return ProcessInfo(
             pid=self.pid,
@@ -123,6 +133,12 @@ class PidHandle:
         try:
             self.fd = os.pidfd_open(proc.pid)
         except ProcessLookupError as e:
+            raise ProcessGone(f"pid {proc.pid}: no such process") from e
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The pid leads no thread group now: the pid already names a thread of another
+            # process, or (kernels before 6.15) its process is being reaped at this moment.
             raise ProcessGone(f"pid {proc.pid}: no such process") from e
         try:
             with ProcDir(proc_root, proc.pid) as d:

@@ -240,6 +240,9 @@ class SimBackend:
             self._proc(proc)
             return SimHandle(self.machine, proc)
 
+    def privilege_problems(self) -> list[str]:
+        return []  # a machine in memory: nothing to be allowed
+
     def refusal(self, method: str) -> str | None:
         if method not in METHODS:
             return f"unknown method (the simulated backend knows {', '.join(METHODS)})"
