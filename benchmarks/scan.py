@@ -39,9 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import memdefragd.backends.kernel as kernel_backend
-from memdefragd.backends.kernel import KernelBackend
-from memdefragd.report import scan_process
+import memdefragd.backends.kernel.backend as kernel_backend
+from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.pipeline.scan import scan_process
 
 PAGE = 4096
 MiB = 1 << 20

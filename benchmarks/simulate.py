@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memdefragd.backends.sim.aging import Scenario, age
 from memdefragd.backends.sim.machine import NONLRU, UNMOVABLE, Machine
-from memdefragd.simulate import METHODS, Figures, apply, measure
+from memdefragd.commands.simulate import METHODS, Figures, apply, measure
 from memdefragd.units import format_size, parse_size
 
 

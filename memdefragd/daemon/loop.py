@@ -25,22 +25,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..backends import Backend, open_backend, privilege_problems
+from ..backends import open_backend
 from ..backends.kernel.compaction import Compactor
 from ..backends.kernel.ranger import ranger_refusal  # noqa: F401  (cli imports it from here)
+from ..backends.protocol import Backend, privilege_problems
 from ..config import Config, load_config
-from ..exporter import (
-    DISCOVERY_BUCKETS,
-    PACING_BUCKETS,
-    REQUEST_BUCKETS,
-    RESTORE_BUCKETS,
-    SCAN_BUCKETS,
-    Histogram,
-    Snapshot,
-    serve,
-    target_figures,
-)
-from ..httpd import HttpServer
 from ..model import (
     PAGE_SIZE,
     PMD_PAGES,
@@ -52,12 +41,24 @@ from ..model import (
     Request,
     Vma,
 )
-from ..report import ProcessReport, scan_process
-from .access import FIRST_WINDOW, AccessSampler, open_sampler
-from .discovery import Changes, Discovery, ProcEvents, Tracked
+from ..pipeline.discover import Changes, Discovery, ProcEvents, Tracked
+from ..pipeline.plan.access import FIRST_WINDOW, AccessSampler, open_sampler
+from ..pipeline.plan.regress import Forks, HugeMemory, coverage
+from ..pipeline.plan.scheduler import Candidate, Scheduler, SchedulerSettings, pause_kinds
+from ..pipeline.scan import ProcessReport, scan_process
+from .httpd import HttpServer
 from .logs import once as log_once
-from .regress import Forks, HugeMemory, coverage
-from .scheduler import Candidate, Scheduler, SchedulerSettings, pause_kinds
+from .metrics import (
+    DISCOVERY_BUCKETS,
+    PACING_BUCKETS,
+    REQUEST_BUCKETS,
+    RESTORE_BUCKETS,
+    SCAN_BUCKETS,
+    Histogram,
+    Snapshot,
+    serve,
+    target_figures,
+)
 from .systemd import Notifier, Watchdog, watchdog_interval
 
 log = logging.getLogger("memdefragd")

@@ -12,7 +12,8 @@ from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
-from kernel.helpers import Daemon, write_config
+
+from tests.kernel.helpers import Daemon, write_config
 
 pytestmark = pytest.mark.kernel
 

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from urllib.request import urlopen
 
 import pytest
-from kernel.helpers import require_kernel, write_config
+
+from tests.kernel.helpers import require_kernel, write_config
 
 pytestmark = pytest.mark.kernel
 

@@ -31,17 +31,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kernel.helpers import require_kernel, write_config
 
 from memdefragd.cli import main
 from memdefragd.config import ConfigError, load_config
 from memdefragd.units import format_size
+from tests.kernel.helpers import require_kernel, write_config
+from tests.paths import REPO
 
 NOBODY = pwd.getpwnam("nobody")
 TRUSTED = "targets:\n  - name: trusted\n"
 EVIL = "targets:\n  - name: evil\n"
 RACE_SECONDS = 1.5  # per race; thousands of loads each
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _flipper(path: Path, sources: tuple[str, str], *, as_nobody: bool, link: bool) -> int:

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel.helpers import Daemon, _readline, require_kernel, start_hostile, write_config
+
+from tests.kernel.helpers import Daemon, _readline, require_kernel, start_hostile, write_config
 
 pytestmark = pytest.mark.kernel
 

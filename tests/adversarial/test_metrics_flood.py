@@ -15,7 +15,8 @@ import time
 from urllib.request import urlopen
 
 import pytest
-from kernel.helpers import MiB, write_config
+
+from tests.kernel.helpers import MiB, write_config
 
 pytestmark = pytest.mark.kernel
 

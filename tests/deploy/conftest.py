@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+
 CACHE = REPO / ".cache" / "deploy"
 REQUIRE_ENV = "MEMDEFRAGD_REQUIRE_KERNEL"
 INSTALL_PYTHON = "/usr/bin/python3"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memdefragd.backends.kernel import KernelBackend
+from memdefragd.backends.kernel.backend import KernelBackend
 
 from .helpers import Child, Daemon, require_kernel, start_child
 

@@ -17,21 +17,20 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import memdefragd.backends.kernel.collapse as collapse_mod
-from memdefragd.backends.kernel import KernelBackend
+from memdefragd.backends.kernel.backend import KernelBackend
 from memdefragd.backends.kernel.collapse import CANCELLED, UNMAPPED, collapse
 from memdefragd.backends.kernel.procs import PidHandle
 from memdefragd.model import Outcome, ProcessGone, Request
+from tests.paths import REPO
 
 from .helpers import PAGE, PMD, MiB, brute_regions, read_pagemap, require_kernel
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parents[2]
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 CAP_SYS_NICE = 23
@@ -307,7 +306,7 @@ def test_handle_with_wrong_start_time_is_gone(spawn):
 
 NO_NICE_SCRIPT = r"""
 import json, sys
-from memdefragd.backends.kernel import KernelBackend
+from memdefragd.backends.kernel.backend import KernelBackend
 from memdefragd.backends.kernel.collapse import collapse
 from memdefragd.backends.kernel.procs import PidHandle
 from memdefragd.model import Request

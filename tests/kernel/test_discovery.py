@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from memdefragd.daemon.discovery import (
+from memdefragd.pipeline.discover import (
     EXITED,
     PROC_EVENT_COMM,
     REUSED,
@@ -34,7 +34,7 @@ from memdefragd.daemon.discovery import (
     _poke,
     open_socket,
 )
-from memdefragd.targets import Matcher, Target
+from memdefragd.pipeline.targets import Matcher, Target
 
 from .helpers import require_kernel
 
@@ -341,9 +341,9 @@ def test_without_the_host_network_namespace_discovery_lists(tmp_path):
     require_kernel(unshare, "unshare(1) is not installed")
     script = r"""
 import json, os
-from memdefragd.backends.kernel import KernelBackend
-from memdefragd.daemon.discovery import Discovery, ProcEvents
-from memdefragd.targets import Matcher, Target
+from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.pipeline.discover import Discovery, ProcEvents
+from memdefragd.pipeline.targets import Matcher, Target
 ev = ProcEvents()
 ok = ev.start()
 me = Target("me", Matcher(pids=frozenset({os.getpid()})))

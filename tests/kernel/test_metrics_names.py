@@ -26,10 +26,10 @@ NOT_EXPORTED = {"up"}
 
 
 def _dashboard_rules():
-    """tests/unit/test_dashboard_rules.py, for its PromQL reader and names_used()."""
+    """tests/deploy/test_dashboard_rules.py, for its PromQL reader and names_used()."""
     name = "memdefragd_test_dashboard_rules"
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "unit" / "test_dashboard_rules.py"
+        path = Path(__file__).resolve().parents[1] / "deploy" / "test_dashboard_rules.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while being built

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import memdefragd.backends.kernel as kernel_backend
-from memdefragd.backends.kernel import KernelBackend
-from memdefragd.layout import vma_metrics
+import memdefragd.backends.kernel.backend as kernel_backend
+from memdefragd.backends.kernel.backend import KernelBackend
 from memdefragd.model import ProcessGone
-from memdefragd.targets import MAX_CMDLINE
+from memdefragd.pipeline.score import vma_metrics
+from memdefragd.pipeline.targets import MAX_CMDLINE
+from tests.paths import REPO
 
 from .helpers import (
     MADV_DONTDUMP,
@@ -44,7 +45,6 @@ from .helpers import (
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parents[2]
 THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
 PF_KTHREAD = 0x00200000
 
@@ -228,8 +228,8 @@ def test_fallback_and_scan_agree(spawn, fallback_backend, pfns, density):
 
 NO_CAP_SCRIPT = r"""
 import json, sys
-from memdefragd.backends.kernel import KernelBackend
-from memdefragd.layout import vma_metrics
+from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.pipeline.score import vma_metrics
 
 pid, addr = int(sys.argv[1]), int(sys.argv[2])
 cap_eff = next(int(l.split()[1], 16) for l in open("/proc/self/status") if l.startswith("CapEff:"))

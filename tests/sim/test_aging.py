@@ -8,7 +8,7 @@ import pytest
 from memdefragd.backends.sim.aging import ProcSpec, Scenario, age, default_workload
 from memdefragd.backends.sim.buddy import MT_UNMOVABLE, PAGEBLOCK_PAGES
 from memdefragd.backends.sim.machine import UNMOVABLE
-from memdefragd.layout import run_lengths
+from memdefragd.pipeline.score import run_lengths
 
 MiB = 1 << 20
 SMALL = Scenario(

@@ -7,12 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from memdefragd.backends.sim import SimBackend
+from memdefragd.backends.sim.backend import SimBackend
 from memdefragd.backends.sim.machine import CACHE, Machine
-from memdefragd.buddy import unusable_index
-from memdefragd.layout import VmaAccumulator, vma_metrics
 from memdefragd.model import PAGE_SIZE, PMD_SIZE, ProcessGone, Request, Vma
-from memdefragd.report import scan_process
+from memdefragd.pipeline.scan import scan_process
+from memdefragd.pipeline.score import VmaAccumulator, unusable_index, vma_metrics
 
 MiB = 1 << 20
 

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memdefragd.config import load_config
 from memdefragd.daemon.loop import Daemon, worth_collapsing
-from memdefragd.layout import rollup
 from memdefragd.model import PAGE_SIZE, PMD_SIZE
-from memdefragd.report import scan_process
+from memdefragd.pipeline.scan import scan_process
+from memdefragd.pipeline.score import rollup
 
 MiB = 1 << 20
 

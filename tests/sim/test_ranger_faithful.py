@@ -29,7 +29,7 @@ from memdefragd.backends.sim.ranger import (
     defrag,
     undefragged_area,
 )
-from memdefragd.layout import run_lengths
+from memdefragd.pipeline.score import run_lengths
 
 V = MMAP_BASE_VPN  # 0x7f000000: a multiple of 512
 SMALL = Knobs(defrag_size_threshold=1)  # VMAs from 2 MiB (the RFC's default is 10 MiB)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from memdefragd.cli import main
-from memdefragd.report import _HEADER
-from memdefragd.simulate import METHODS, SCHEMA
+from memdefragd.commands.report import _HEADER
+from memdefragd.commands.simulate import METHODS, SCHEMA
 
 from .test_render_png import decode_png
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from types import MappingProxyType
 
-from ... import procfs
 from ...model import PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request
+from . import procfs
 from .procs import PidHandle, ProcDir
 
 MADV_COLLAPSE = 25

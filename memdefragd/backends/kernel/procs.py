@@ -11,9 +11,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ... import procfs
 from ...model import PAGE_SIZE, AccessDenied, ProcessGone, ProcessInfo
-from ...targets import MAX_CMDLINE
+from ...pipeline.targets import MAX_CMDLINE
+from . import procfs
 
 
 class ProcDir:

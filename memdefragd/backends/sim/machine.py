@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ...buddy import unusable_index
 from ...model import PAGE_SIZE, PMD_PAGES
+from ...pipeline.score import unusable_index
 from .buddy import (
     MAX_ORDER,
     MT_MOVABLE,

@@ -1,0 +1,395 @@
+"""`memdefragd simulate`: age a simulated machine, run one method on it, before and after.
+
+The figures come from the same code as on a real kernel: the machine is read through the
+simulated backend and scored by `report.scan_process` (so by `layout`), pooled over every
+process on the machine as one contiguity-aware TLB would see them; the unusable free space
+index comes from `buddy`. What the method did comes from the machine's own counters, so
+every method is measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+
+from ..backends.sim import baselines
+from ..backends.sim.aging import Scenario, age
+from ..backends.sim.backend import SimBackend
+from ..backends.sim.machine import Machine
+from ..backends.sim.ranger import defrag
+from ..model import PAGE_SIZE
+from ..pipeline.scan import scan_process
+from ..pipeline.score import Rollup, free_pages, rollup, unusable_index
+from ..units import format_size
+from .common import add_machine_args, machine_scenario
+
+SCHEMA = "memdefragd.simulate/1"
+METHODS = ("none", "compaction", "collapse", "ranger", "ranger-improved")
+KS = (32, 128)
+PS = (0.9, 0.99)
+
+Progress = Callable[[float, str], None]  # (fraction of this phase, what is going on)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFigures:
+    pid: int
+    comm: str
+    totals: Rollup
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """The machine's processes, pooled, and each of them, at one moment."""
+
+    totals: Rollup
+    processes: tuple[ProcessFigures, ...]
+    unusable_9: float  # unusable free space index at order 9, all zones' free lists summed
+    free_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What the method did, from the machine's counters (pages unless named otherwise)."""
+
+    pages_migrated: int
+    pages_exchanged: int  # pairs
+    bytes_copied: int
+    thp_promoted: int
+    thp_collapsed: int
+    thp_split: int
+    failures: dict[str, int]
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    scenario: Scenario
+    method: str
+    before: Figures
+    after: Figures
+    work: Work
+    aging_seconds: float
+    details: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def pages_moved(self) -> int:
+        """Pages copied to another frame: migrated, collapsed, or exchanged (two each)."""
+        return self.work.bytes_copied // PAGE_SIZE
+
+
+def measure(machine: Machine) -> Figures:
+    """Contiguity of every process's memory, and the free memory's fragmentation."""
+    backend = SimBackend(machine)
+    procs = []
+    for info in backend.list_processes():
+        rep = scan_process(backend, info, ks=KS, ps=PS)
+        procs.append((info, rep))
+    totals = rollup((v.metrics for _, r in procs for v in r.vmas), KS, PS)
+    counts = np.sum([f for _, f in machine.free_blocks()], axis=0)
+    return Figures(
+        totals=totals,
+        processes=tuple(ProcessFigures(i.pid, i.comm, r.totals) for i, r in procs),
+        unusable_9=float(unusable_index(counts)[9]),
+        free_pages=free_pages(counts),
+    )
+
+
+def apply(machine: Machine, method: str, progress: Progress | None = None) -> Work:
+    """Run `method` once over the whole machine (every process, every zone)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    say = progress or (lambda fraction, stage: None)
+    s0 = machine.stats.as_dict()
+    failures: dict[str, int] = {}
+    t0 = time.perf_counter()
+    if method == "compaction":
+        say(0.0, "compaction")
+        _merge(failures, baselines.compact(machine).failures)
+    elif method in ("collapse", "ranger", "ranger-improved"):
+        total = sum(p.rss_pages for p in machine.processes.values()) or 1
+        done = 0
+        for pid, proc in list(machine.processes.items()):
+            say(done / total, f"{method} pid {pid}")
+            if method == "collapse":
+                for v in proc.vmas:
+                    _merge(
+                        failures, baselines.collapse(machine, pid, v.start_vpn, v.end_vpn).failures
+                    )
+            else:
+                res = defrag(machine, pid, improved=method == "ranger-improved")
+                _merge(failures, res.failures)
+            done += proc.rss_pages
+    seconds = time.perf_counter() - t0
+    say(1.0, "done")
+    s1 = machine.stats.as_dict()
+    d = {k: s1[k] - s0[k] for k in s1}
+    return Work(
+        pages_migrated=d["pages_migrated"],
+        pages_exchanged=d["pages_exchanged"],
+        bytes_copied=d["bytes_copied"],
+        thp_promoted=d["thp_promoted"],
+        thp_collapsed=d["thp_collapsed"],
+        thp_split=d["thp_split"],
+        failures=failures,
+        seconds=seconds,
+    )
+
+
+def _merge(into: dict[str, int], more: dict[str, int]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0) + int(v)
+
+
+def simulate(
+    scenario: Scenario,
+    method: str,
+    *,
+    progress: Progress | None = None,
+    keep: Callable[[str, Machine], None] | None = None,
+) -> SimResult:
+    """Age a machine by `scenario`, measure, apply `method`, measure again. `keep(when,
+    machine)` sees the machine before and after (for the picture)."""
+    say = progress or (lambda fraction, stage: None)
+    t0 = time.perf_counter()
+    machine = age(scenario, lambda f, stage: say(0.5 * f, f"aging: {stage}"))
+    aging = time.perf_counter() - t0
+    before = measure(machine)
+    if keep is not None:
+        keep("before", machine)
+    work = apply(machine, method, lambda f, stage: say(0.5 + 0.5 * f, stage))
+    after = measure(machine)
+    if keep is not None:
+        keep("after", machine)
+    return SimResult(scenario, method, before, after, work, aging)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def progress_bar(stream: TextIO = sys.stderr, min_seconds: float = 1.0) -> Progress:
+    """A one-line bar on a terminal, shown once a run has lasted `min_seconds`."""
+    if not stream.isatty():
+        return lambda fraction, stage: None
+    start = time.monotonic()
+
+    def show(fraction: float, stage: str) -> None:
+        if time.monotonic() - start < min_seconds and fraction < 1.0:
+            return
+        bar = "#" * int(fraction * 30)
+        stream.write(f"\r[{bar:<30}] {fraction:4.0%} {stage[:40]:<40}")
+        if fraction >= 1.0:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_json(r: SimResult) -> dict[str, object]:
+    sc = r.scenario
+    return {
+        "schema": SCHEMA,
+        "scenario": {
+            "memory_bytes": sc.memory,
+            "nodes": sc.nodes,
+            "fragmentation": sc.fragmentation,
+            "unmovable": sc.unmovable,
+            "unmovable_layout": sc.unmovable_layout,
+            "free": sc.free,
+            "seed": sc.seed,
+        },
+        "method": r.method,
+        "aging_seconds": round(r.aging_seconds, 3),
+        "before": _figures_json(r.before),
+        "after": _figures_json(r.after),
+        "work": {
+            "pages_migrated": r.work.pages_migrated,
+            "pages_exchanged": r.work.pages_exchanged,
+            "pages_moved": r.pages_moved,
+            "bytes_copied": r.work.bytes_copied,
+            "thp_promoted": r.work.thp_promoted,
+            "thp_collapsed": r.work.thp_collapsed,
+            "thp_split": r.work.thp_split,
+            "failures": dict(sorted(r.work.failures.items())),
+            "seconds": round(r.work.seconds, 3),
+        },
+    }
+
+
+def _rollup_json(t: Rollup) -> dict[str, object]:
+    c = t.contiguity
+    return {
+        "present_bytes": t.present_pages * PAGE_SIZE,
+        "thp_bytes": t.thp_pages * PAGE_SIZE,
+        "thp_coverage_ratio": t.thp_coverage,
+        "runs": c.runs if c else None,
+        "largest_run_pages": c.largest_run if c else None,
+        "mean_run_pages": round(c.mean_run, 3) if c else None,
+        "coverage_ratio": {str(k): round(c.coverage[k], 6) for k in KS} if c else None,
+        "runs_for": {str(p): c.runs_for[p] for p in PS} if c else None,
+    }
+
+
+def _figures_json(f: Figures) -> dict[str, object]:
+    return {
+        **_rollup_json(f.totals),
+        "unusable_index_9": round(f.unusable_9, 6),
+        "free_bytes": f.free_pages * PAGE_SIZE,
+        "processes": [
+            {"pid": p.pid, "comm": p.comm, **_rollup_json(p.totals)} for p in f.processes
+        ],
+    }
+
+
+def render(r: SimResult) -> str:
+    sc = r.scenario
+    out = [
+        f"simulated {format_size(sc.memory)}, fragmentation {sc.fragmentation:.2f}, "
+        f"{sc.unmovable:.1%} {sc.unmovable_layout} unmovable, seed {sc.seed}: method {r.method}",
+        f"  {len(r.before.processes)} processes, "
+        f"{format_size(r.before.totals.present_pages * PAGE_SIZE)} resident "
+        f"(aged in {r.aging_seconds:.2f} s)",
+        f"  {'':<28}{'before':>14}{'after':>14}",
+    ]
+    b, a = r.before, r.after
+    rows = [
+        ("runs", _c(b, "runs"), _c(a, "runs")),
+        *((f"coverage@{k}", _cov(b, k), _cov(a, k)) for k in KS),
+        *((f"runs_for({p})", _rf(b, p), _rf(a, p)) for p in PS),
+        ("largest run", _largest(b), _largest(a)),
+        ("mean run", _mean(b), _mean(a)),
+        ("THP coverage", _pct(b.totals.thp_coverage), _pct(a.totals.thp_coverage)),
+        ("unusable index (order 9)", f"{b.unusable_9:.3f}", f"{a.unusable_9:.3f}"),
+        ("free", format_size(b.free_pages * PAGE_SIZE), format_size(a.free_pages * PAGE_SIZE)),
+    ]
+    out += [f"  {name:<28}{x:>14}{y:>14}" for name, x, y in rows]
+    w = r.work
+    out.append(
+        f"  {w.pages_migrated} pages migrated, {w.pages_exchanged} exchanged, "
+        f"{format_size(w.bytes_copied)} copied, {w.thp_promoted} THPs promoted, "
+        f"{w.thp_collapsed} collapsed, {w.thp_split} split, in {w.seconds:.2f} s"
+    )
+    if w.failures:
+        out.append("  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(w.failures.items())))
+    return "\n".join(out) + "\n"
+
+
+def _c(f: Figures, name: str) -> str:
+    c = f.totals.contiguity
+    return "-" if c is None else str(getattr(c, name))
+
+
+def _cov(f: Figures, k: int) -> str:
+    c = f.totals.contiguity
+    return "-" if c is None else f"{c.coverage[k]:.2%}"
+
+
+def _rf(f: Figures, p: float) -> str:
+    c = f.totals.contiguity
+    return "-" if c is None else str(c.runs_for[p])
+
+
+def _largest(f: Figures) -> str:
+    c = f.totals.contiguity
+    return "-" if c is None else f"{format_size(c.largest_run * PAGE_SIZE)}"
+
+
+def _mean(f: Figures) -> str:
+    c = f.totals.contiguity
+    return "-" if c is None else f"{c.mean_run:.1f} pages"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+__all__ = [
+    "METHODS",
+    "Figures",
+    "SimResult",
+    "Work",
+    "apply",
+    "measure",
+    "render",
+    "simulate",
+    "to_json",
+]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def set_argparser(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser(
+        "simulate",
+        help="age a simulated machine, run one method on it, print before and after",
+        description=(
+            "Build a simulated machine, age it until its free memory is as fragmented as\n"
+            "asked, run one method over every process on it, and print the contiguity of\n"
+            "their memory before and after (pooled over all processes), the free memory's\n"
+            "unusable index, and what the method moved and why it failed where it did."
+        ),
+        epilog="Methods: none; compaction (Linux zone compaction); collapse (khugepaged's\n"
+        "copy into free 2 MiB blocks); ranger (Translation Ranger as in its RFC);\n"
+        "ranger-improved (obstacle-aware anchors, one range tree for all processes).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_machine_args(sim, "16G", "simulated machine")
+    sim.add_argument(
+        "--method",
+        default="ranger",
+        choices=["none", "compaction", "collapse", "ranger", "ranger-improved"],
+        help="what to run on it (default ranger)",
+    )
+    sim.add_argument("--json", action="store_true", help="print JSON (memdefragd.simulate/1)")
+    sim.add_argument(
+        "--png", metavar="FILE", help="also draw physical memory before and after into FILE"
+    )
+    sim.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+
+    try:
+        scenario = machine_scenario(args, 16 << 30)
+        scenario.validate()
+    except ValueError as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    shots = None
+    if args.png:
+        from ..backends.sim.render import Snapshots
+
+        shots = Snapshots()
+    try:
+        result = simulate(scenario, args.method, progress=progress_bar(), keep=shots)
+    except ValueError as e:  # a machine too small to build, a workload that cannot fit
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    if shots is not None:
+        title = (
+            f"{format_size(scenario.memory)} fragmentation {scenario.fragmentation} "
+            f"seed {scenario.seed}: {args.method}"
+        )
+        try:
+            shots.write(args.png, title)
+        except OSError as e:
+            print(f"memdefragd: --png {args.png}: {e.strerror}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(to_json(result), indent=2))
+    else:
+        print(render(result), end="")
+        if args.png:
+            print(f"  picture: {args.png}")
+    return 0

@@ -1,0 +1,812 @@
+"""Discovery: which running processes the configured targets name, kept up to date.
+
+Two sources feed one tracked set (pid -> `Tracked`):
+
+* **Listing** (`Discovery.rescan`): every process the backend lists, matched against the
+  targets. Complete but costly, so it runs at start, on config reload, periodically, and
+  whenever proc events may have been lost.
+* **Proc events** (`ProcEvents`): the kernel's proc connector (netlink, pyroute2
+  `ProcEventSocket`) says when a process forks, execs, changes its name or uid, or exits;
+  `Discovery.poll` looks up just those pids, so a new target is seen within a second.
+
+`ProcEvents` runs one daemon thread that owns the netlink socket: pyroute2's sync API
+runs a private asyncio loop per thread, so the socket is created, read (blocking `get()`)
+and closed in that thread only. Any error from the socket means events were lost (an
+overflowed receive buffer leaves the pyroute2 socket failing for good): the reader emits
+``("lost", reason)``, closes the socket, waits with backoff, subscribes again and emits
+``("lost", "resubscribed")``; `Discovery` answers a lost event with a full rescan. Where
+the proc connector is unavailable (a network namespace other than the host's refuses the
+subscription; a nested PID or user namespace gets none or foreign pids), `start()` logs
+it once and discovery falls back to listing every `fallback_interval` seconds.
+
+Forks of tracked processes are reported too (`Changes.forked`, from the parent's pid
+that FORK events carry, as the extra event ``("forked", (parent, child))``), and so are
+the exits and execs of those children (`Changes.fork_exited`, `Changes.execd`): the
+daemon re-collapses what copy-on-write split in the parent once its child is gone.
+
+Identity is pid plus start time: a pid whose start time changed is another process (the
+old one is dropped as "pid reused", the new one considered afresh). A process that
+vanishes between an event and its lookup is a normal race: counted, never raised.
+
+The pure part (`reduce_events`, `plan`, `translate`) takes no I/O and is unit-tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import queue
+import select as _select
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from ..backends.kernel.procs import PidHandle
+from ..backends.protocol import Backend, Handle
+from ..daemon.logs import once as log_once
+from ..model import AccessDenied, ProcessGone, ProcessInfo
+from .targets import Target, select
+
+log = logging.getLogger(__name__)
+
+# Why a tracked process was dropped (the values of Changes.dropped).
+EXITED = "exited"
+NO_MATCH = "no longer matches"
+REUSED = "pid reused"
+
+# Proc connector event codes (include/uapi/linux/cn_proc.h), as pyroute2's `what`.
+PROC_EVENT_NONE = 0x0
+PROC_EVENT_FORK = 0x1
+PROC_EVENT_EXEC = 0x2
+PROC_EVENT_UID = 0x4
+PROC_EVENT_COMM = 0x200
+PROC_EVENT_EXIT = 0x80000000
+KTHREADD_PID = 2  # parent of every kernel thread: its forks are never user processes
+
+LOOKUP_KINDS = frozenset({"exec", "fork", "comm", "uid"})
+# What Discovery counts as races and failures (exported as memdefragd_races_total kinds):
+# a process gone between its event (or listing) and its lookup; one we may not read; a
+# pidfd we could not open; a lookup that failed otherwise.
+RACES = ("vanished", "denied", "open_failed", "lookup_failed")
+
+# ("exec"|"fork"|"comm"|"uid"|"exit", tgid), ("forked", (parent, child)) or ("lost", reason)
+Event = tuple[str, Any]
+
+_MAX_QUEUE = 200_000  # events buffered for the consumer before we call them lost
+_NETLINK_CONNECTOR, _CN_IDX_PROC = 11, 1  # linux/netlink.h, linux/connector.h
+NAMESPACE_HINT = (
+    "run memdefragd in the host's network, PID and user namespaces for prompt discovery"
+)
+CAPABILITY_HINT = "give memdefragd CAP_NET_ADMIN for prompt discovery"
+_PR_SET_NAME, _PR_GET_NAME = 15, 16
+_SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in Python's socket module
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """A process a target claims: what we last read of it, the target, and a pidfd on it
+    (proven to be this very process, so requests can never hit a reused pid)."""
+
+    proc: ProcessInfo
+    target: Target
+    handle: Handle
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _frozen(d: Mapping[int, str] | None = None) -> Mapping[int, str]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one rescan or poll changed in the tracked set. Iterating a field gives pids.
+
+    `added`: pid -> target name; `dropped`: pid -> reason (EXITED, NO_MATCH, REUSED);
+    `retargeted`: pid -> target name, for a tracked process now claimed by another (or a
+    changed) target. A pid can be both dropped and added: its old process was dropped
+    (pid reused) and the new one added. `forked`: child -> parent, for forks of tracked
+    processes; `fork_exited`: child -> parent, when such a child exits (or is found gone);
+    `execd`: such children that exec'd (they share nothing with the parent any more).
+    """
+
+    added: Mapping[int, str] = field(default_factory=_frozen)
+    dropped: Mapping[int, str] = field(default_factory=_frozen)
+    retargeted: Mapping[int, str] = field(default_factory=_frozen)
+    forked: Mapping[int, int] = field(default_factory=_frozen)
+    fork_exited: Mapping[int, int] = field(default_factory=_frozen)
+    execd: frozenset[int] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.added or self.dropped or self.retargeted or self.forked or self.fork_exited
+            or self.execd
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- pure part
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do to the tracked set: drop first (pid, reason), then refresh `keep` (the
+    same process, still matched; its info or target may have changed), then add."""
+
+    drop: tuple[tuple[int, str], ...] = ()
+    keep: tuple[tuple[ProcessInfo, Target], ...] = ()
+    add: tuple[tuple[ProcessInfo, Target], ...] = ()
+
+
+def plan(
+    current: Mapping[int, ProcessInfo],
+    seen: Iterable[ProcessInfo],
+    targets: Sequence[Target],
+    scope: Collection[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Plan:
+    """Compare the tracked processes (`current`: pid -> info as tracked) with processes
+    just read (`seen`), matched against `targets`.
+
+    `scope` is the set of pids that were looked at: a tracked pid in scope but not seen has
+    exited. None means `seen` is a full listing (every pid is in scope). Matching stops
+    early once `should_stop()` is true: then the plan is partial, for the caller to drop.
+    """
+    by_pid = {p.pid: p for p in seen}
+    matched = {p.pid: (p, t) for p, t in select(by_pid.values(), targets, should_stop)}
+    pids = set(current) | set(by_pid) if scope is None else set(scope)
+    drop, keep, add = [], [], []
+    for pid in sorted(pids):
+        old, new, hit = current.get(pid), by_pid.get(pid), matched.get(pid)
+        if old is not None:
+            if new is None:
+                drop.append((pid, EXITED))
+                continue
+            if new.start_time != old.start_time:
+                drop.append((pid, REUSED))
+            elif hit is None:
+                drop.append((pid, NO_MATCH))
+                continue
+            else:
+                keep.append(hit)
+                continue
+        if hit is not None:
+            add.append(hit)
+    return Plan(tuple(drop), tuple(keep), tuple(add))
+
+
+def reduce_events(events: Iterable[Event]) -> tuple[list[str], set[int], set[int]]:
+    """(lost reasons, pids to look up, pids that exited), each pid by its last event:
+    fork+exec+exit of one short-lived pid is one exit; exit then fork (a reused pid) is
+    one lookup, which tells the old process from the new by start time."""
+    lost: list[str] = []
+    last: dict[int, str] = {}
+    for kind, arg in events:
+        if kind == "lost":
+            lost.append(str(arg))
+        elif kind == "exit":
+            last[arg] = "exit"
+        elif kind in LOOKUP_KINDS:
+            last[arg] = "lookup"
+    lookups = {pid for pid, k in last.items() if k == "lookup"}
+    return lost, lookups, set(last) - lookups
+
+
+def fork_of(msg: Mapping[str, Any]) -> Event | None:
+    """("forked", (parent tgid, child tgid)) for a FORK message that made a process."""
+    if msg.get("what") != PROC_EVENT_FORK or msg["child_pid"] != msg["child_tgid"]:
+        return None
+    if msg["parent_tgid"] == KTHREADD_PID:
+        return None
+    return ("forked", (msg["parent_tgid"], msg["child_tgid"]))
+
+
+def translate(msg: Mapping[str, Any]) -> Event | None:
+    """One proc connector message as a compact event about a process (not a thread), or
+    None for what discovery does not need."""
+    what = msg.get("what")
+    if what == PROC_EVENT_FORK:
+        if msg["child_pid"] == msg["child_tgid"] and msg["parent_tgid"] != KTHREADD_PID:
+            return ("fork", msg["child_tgid"])
+        return None
+    if what == PROC_EVENT_EXEC:
+        return ("exec", msg["process_tgid"])  # exec makes the caller the group leader
+    kind = {PROC_EVENT_EXIT: "exit", PROC_EVENT_COMM: "comm", PROC_EVENT_UID: "uid"}.get(what)
+    if kind is not None and msg["process_pid"] == msg["process_tgid"]:
+        return (kind, msg["process_tgid"])  # the group leader: /proc/PID shows its comm
+    return None
+
+
+# ---------------------------------------------------------------- proc events
+
+
+class EventSource(Protocol):
+    @property
+    def available(self) -> bool:
+        """Events are flowing (subscribed now); False means: list periodically instead."""
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Block up to `timeout` for at least one event, then return all queued ones."""
+
+
+class ProcEvents:
+    """Process events from the kernel's proc connector, read by a daemon thread.
+
+    `start()` subscribes (in the thread) and reports whether that worked; where it cannot
+    (not in the host's network/PID/user namespaces), it logs once and the instance stays
+    unavailable: `wait()` just sleeps, and `Discovery` lists periodically instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        rcvbuf: int | None = None,
+        backoff: tuple[float, float] = (0.05, 5.0),
+        socket_factory: Callable[[], Any] | None = None,
+    ):
+        """`rcvbuf` sets the socket's receive buffer in bytes (SO_RCVBUFFORCE as root,
+        else SO_RCVBUF; the kernel doubles it); None keeps pyroute2's (1 MiB, so 2)."""
+        self.rcvbuf = rcvbuf
+        self.backoff = backoff
+        self._factory = socket_factory
+        self._queue: queue.Queue[Event] = queue.Queue(_MAX_QUEUE)
+        self._overflow = threading.Event()
+        self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None  # why events are unavailable, if they are
+        self.hint = NAMESPACE_HINT  # and what to do about it
+        self.counters: dict[str, int] = {"events": 0, "lost": 0, "resubscribed": 0}
+
+    @property
+    def available(self) -> bool:
+        return self._subscribed.is_set() and not self._stopping.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 5.0) -> bool:
+        """Start the reader; True once subscribed. False (logged once) where the kernel
+        refuses proc events here: then discovery falls back to periodic listing."""
+        if self._thread is not None:
+            return self.available
+        self._thread = threading.Thread(target=self._run, name="procevents", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            self.stop()
+            self.error = f"no answer from the proc connector within {timeout:g} s"
+        if self.error is not None:
+            log.warning(
+                "proc events unavailable (%s): new processes will be found by listing /proc "
+                "periodically; %s",
+                self.error, self.hint,
+            )  # fmt: skip
+            return False
+        return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the reader thread; True once it has ended. The thread blocks in the
+        socket's get(): we wake it with an event of our own (renaming this thread to its
+        own name makes the kernel send a COMM event), repeated until the thread ends."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and time.monotonic() < deadline:
+            _poke()
+            thread.join(min(0.05, max(0.0, deadline - time.monotonic())))
+        if thread.is_alive():
+            log.warning("proc events reader did not stop within %g s", timeout)
+            return False
+        return True
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Events queued so far, waiting up to `timeout` seconds for the first one."""
+        out: list[Event] = []
+        try:
+            out.append(
+                self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            )
+        except queue.Empty:
+            pass
+        else:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    out.append(self._queue.get_nowait())
+        if self._overflow.is_set():
+            self._overflow.clear()
+            out.append(("lost", "event queue full"))
+        return out
+
+    def __enter__(self) -> ProcEvents:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the reader thread
+
+    def _put(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self._overflow.set()
+
+    def _open(self) -> Any:
+        """A subscribed socket, created in (and so owned by) the calling thread."""
+        if self._factory is not None:
+            return self._factory()
+        return open_socket(self.rcvbuf)
+
+    def _run(self) -> None:
+        delay, first = self.backoff[0], True
+        while not self._stopping.is_set():
+            try:
+                ps = self._open()
+            except Exception as e:
+                if first:
+                    self.error = str(e) if isinstance(e, EventsUnavailable) else repr(e)
+                    self.hint = getattr(e, "hint", self.hint)
+                    self._started.set()
+                    return
+                log.debug("proc events: subscribing again failed: %r", e)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            opened = time.monotonic()
+            self._subscribed.set()
+            if first:
+                first = False
+                self._started.set()
+            else:
+                self.counters["resubscribed"] += 1
+                self._put(("lost", "resubscribed"))  # events between failure and now
+            try:
+                self._read(ps)
+            except Exception as e:
+                if not self._stopping.is_set():
+                    self.counters["lost"] += 1
+                    self._put(("lost", f"{type(e).__name__}: {e}"))
+                    log.info("proc events lost (%s: %s); subscribing again", type(e).__name__, e)
+            finally:
+                self._subscribed.clear()
+                _close_quietly(ps)
+            if time.monotonic() - opened > self.backoff[1]:
+                delay = self.backoff[0]  # it ran well for a while: start the backoff over
+            self._stopping.wait(delay)
+            delay = min(delay * 2, self.backoff[1])
+
+    def _read(self, ps: Any) -> None:
+        while not self._stopping.is_set():
+            msgs = ps.get()
+            if self._stopping.is_set():
+                return
+            for msg in msgs:
+                if msg.get("header", {}).get("error") is not None:
+                    raise OSError(f"netlink error message: {msg['header']['error']}")
+                forked = fork_of(msg)
+                if forked is not None:
+                    self._put(forked)
+                event = translate(msg)
+                if event is not None:
+                    self.counters["events"] += 1
+                    self._put(event)
+
+
+class EventsUnavailable(Exception):
+    """Proc events cannot work here (and trying might block); `hint` says what to do."""
+
+    def __init__(self, problem: str, hint: str = NAMESPACE_HINT):
+        super().__init__(problem)
+        self.hint = hint
+
+
+def open_socket(rcvbuf: int | None = None) -> Any:
+    """A pyroute2 ProcEventSocket, bound and subscribed. Call it in the thread that will
+    read and close it. Raises EventsUnavailable, or whatever pyroute2 raises
+    (ConnectionRefusedError outside the host's network namespace)."""
+    problem = namespace_problem()
+    if problem is not None:
+        raise EventsUnavailable(problem)
+    _check_permission()
+    from pyroute2 import ProcEventSocket
+
+    ps = ProcEventSocket()
+    try:
+        if rcvbuf:
+            try:
+                ps.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
+            except PermissionError:
+                ps.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        ps.bind()
+        ps.control(listen=True)
+    except BaseException:
+        _close_quietly(ps)
+        raise
+    return ps
+
+
+def _check_permission() -> None:
+    """Raise EventsUnavailable, naming CAP_NET_ADMIN, if the kernel refuses (EPERM) to let
+    us join the proc connector's group. pyroute2 takes that refusal for a taken port id,
+    tries others and ends in a KeyError that names no cause; so ask the kernel ourselves.
+    Anything else is left for pyroute2 to meet (and report)."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
+    except OSError:
+        return
+    try:
+        s.bind((0, _CN_IDX_PROC))
+    except PermissionError as e:
+        raise EventsUnavailable(
+            "the kernel refused to subscribe to proc events (EPERM): memdefragd lacks "
+            "CAP_NET_ADMIN",
+            hint=CAPABILITY_HINT,
+        ) from e
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def _close_quietly(ps: Any) -> None:
+    """Close a socket that may have failed. pyroute2's close runs its private event loop,
+    whose callbacks can fail on a half-open socket: keep their tracebacks out of the log.
+    A failed close leaves the loop and socket fds to the cyclic garbage collector."""
+    with contextlib.suppress(Exception):
+        ps.asyncore.event_loop.set_exception_handler(_loop_exception)
+    try:
+        ps.close()
+    except Exception as e:
+        log.debug("closing the proc event socket: %r", e)
+        gc.collect()
+
+
+def _loop_exception(loop: object, context: dict[str, Any]) -> None:
+    log.debug("pyroute2 event loop: %s", context.get("exception") or context.get("message"))
+
+
+_libc: Any = None
+
+
+def _poke() -> None:
+    """Make the kernel send a proc COMM event: rename the calling thread to its own name
+    (prctl PR_SET_NAME reports to the proc connector even when the name is unchanged)."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            ulong = ctypes.c_ulong
+            _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ulong, ulong, ulong)
+        name = ctypes.create_string_buffer(16)
+        if _libc.prctl(_PR_GET_NAME, name, 0, 0, 0) == 0:
+            _libc.prctl(_PR_SET_NAME, name, 0, 0, 0)
+    except (OSError, AttributeError) as e:
+        log.debug("cannot rename a thread to wake the proc events reader: %r", e)
+
+
+def namespace_problem(proc_root: str = "/proc") -> str | None:
+    """Why proc events cannot work from this process's namespaces, or None if they may.
+
+    The kernel ignores subscriptions from outside the initial user and PID namespaces, and
+    events carry host pids, so a nested PID namespace would look up the wrong processes.
+    (Outside the host's network namespace the subscription is refused: found on start.)
+    """
+    try:
+        with open(f"{proc_root}/self/status") as f:
+            nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+        if len(nspid) > 1:
+            return "in a nested PID namespace: proc events carry host pids"
+        with open(f"{proc_root}/self/uid_map") as f:
+            if f.read().split() != ["0", "0", "4294967295"]:
+                return "in a user namespace: the kernel ignores its proc event subscriptions"
+    except OSError as e:
+        return f"cannot read {proc_root}/self: {e.strerror}"
+    return None
+
+
+# ---------------------------------------------------------------- discovery
+
+
+class Discovery:
+    """The tracked set: processes the targets claim, each with a pidfd, kept up to date
+    from a listing (`rescan`) and from proc events (`poll`).
+
+    With events available, `poll` lists everything every `rescan_interval` seconds (a
+    process can start matching without any event: its RSS grows past min_rss, it moves to
+    another cgroup); without them (None, or not subscribed), every `fallback_interval`.
+    Every `rescan()` restarts that clock, so a caller rescanning on its own schedule does
+    not pay twice.
+
+    A rescan's time grows with the number of processes and nothing else (each read of one
+    is bounded; matching is linear in at most MAX_CMDLINE bytes per pattern). Once the
+    backend's listing is in, `should_stop` (the daemon's SIGTERM) cuts a rescan short
+    between processes, changing nothing; `on_rescan` is told each rescan's duration (s).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        targets: Sequence[Target],
+        events: EventSource | None,
+        *,
+        opener: Callable[[ProcessInfo], Handle] = PidHandle,
+        rescan_interval: float = 60.0,
+        fallback_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_rescan: Callable[[float], None] | None = None,
+    ):
+        self.backend = backend
+        self.targets: tuple[Target, ...] = tuple(targets)
+        self.events = events
+        self.opener = opener
+        self.rescan_interval = rescan_interval
+        self.fallback_interval = fallback_interval
+        self.clock = clock
+        self.sleep = sleep
+        self.should_stop = should_stop
+        self.on_rescan = on_rescan
+        self.listed = 0  # processes the last complete listing read
+        self.tracked: dict[int, Tracked] = {}
+        self.fork_children: dict[int, int] = {}  # child -> tracked parent, until exec/exit
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("rescans", "events", "lost", "lookups", *RACES), 0
+        )
+        self._last_rescan: float | None = None
+
+    # -- the three ways in
+
+    def rescan(self) -> Changes:
+        """List every process and reconcile the tracked set with it; when `should_stop()`
+        turns true meanwhile, stop at the next process and change nothing."""
+        self.counters["rescans"] += 1
+        self._last_rescan = self.clock()
+        t0 = time.perf_counter()
+        try:
+            return self._rescan()
+        finally:
+            if self.on_rescan is not None:
+                self.on_rescan(time.perf_counter() - t0)
+
+    def _rescan(self) -> Changes:
+        listing = self.backend.list_processes()
+        if self.should_stop():
+            return Changes()
+        seen = {p.pid: p for p in listing}
+        # A tracked pid missing from the listing has most likely exited; but a listing
+        # skips what it may not read, so ask again before dropping it.
+        scope = set(seen) | set(self.tracked)
+        for pid in set(self.tracked) - set(seen):
+            if self.should_stop():
+                return Changes()
+            info = self._lookup(pid, race=False)
+            if info is _DENIED:
+                scope.discard(pid)  # keep it as it is: we cannot tell
+            elif info is not None:
+                seen[pid] = info
+        todo = plan(self._current(), seen.values(), self.targets, scope, self.should_stop)
+        if self.should_stop():  # the plan may be partial: drop it
+            return Changes()
+        self.listed = len(listing)
+        changes = self._apply(todo)
+        gone = {c: p for c, p in self.fork_children.items() if c not in seen}
+        if not gone:
+            return changes
+        for child in gone:
+            del self.fork_children[child]
+        return replace(changes, fork_exited=_frozen(gone))
+
+    def poll(self, timeout: float) -> Changes:
+        """Wait up to `timeout` seconds for changes: process events (or, without them, a
+        periodic listing). Returns as soon as something changed, else at the timeout."""
+        deadline = self.clock() + timeout
+        while True:
+            changes = self.rescan() if self._rescan_due() else Changes()
+            if not changes:
+                now = self.clock()
+                wait = max(0.0, min(deadline - now, self._next_rescan() - now))
+                if self.events is not None and self.events.available:
+                    changes = self.handle(self.events.wait(wait))
+                else:
+                    if self.events is not None:  # not subscribed now: what came before
+                        changes = self.handle(self.events.wait(0))
+                    if not changes and wait > 0:
+                        self.sleep(wait)
+            if changes or self.clock() >= deadline:
+                return changes
+
+    def set_targets(self, targets: Sequence[Target]) -> Changes:
+        """New targets (config reload): every process, tracked or not, is judged again."""
+        self.targets = tuple(targets)
+        return self.rescan()
+
+    def races(self) -> dict[str, int]:
+        """The races and failures counted so far (RACES), as kinds for an exported counter:
+        `discovery_vanished`, `discovery_denied`, ..."""
+        return {f"discovery_{k}": self.counters[k] for k in RACES}
+
+    def close(self) -> None:
+        """Close every pidfd; the tracked set is empty afterwards."""
+        for t in self.tracked.values():
+            t.handle.close()
+        self.tracked.clear()
+
+    def __enter__(self) -> Discovery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- events
+
+    def handle(self, events: Sequence[Event]) -> Changes:
+        """Apply a batch of events: look up the pids they name, drop those that exited;
+        a lost event makes it a full rescan (which covers the whole batch)."""
+        if not events:
+            return Changes()
+        self.counters["events"] += len(events)
+        forked, fork_exited, execd = self._forks(events)
+        lost, lookups, exits = reduce_events(events)
+        if lost:
+            self.counters["lost"] += 1
+            log.debug("proc events lost (%s): full rescan", "; ".join(lost))
+            changes = self.rescan()
+            return replace(
+                changes,
+                forked=_frozen(forked),
+                fork_exited=_frozen({**fork_exited, **changes.fork_exited}),
+                execd=frozenset(execd),
+            )
+        drop = tuple((pid, EXITED) for pid in sorted(exits) if pid in self.tracked)
+        seen, scope = [], set()
+        for pid in sorted(lookups):
+            info = self._lookup(pid)
+            if info is _DENIED:
+                continue
+            scope.add(pid)
+            if info is not None:
+                seen.append(info)
+        p = plan(self._current(), seen, self.targets, scope)
+        changes = self._apply(Plan(drop + p.drop, p.keep, p.add))
+        if forked or fork_exited or execd:
+            changes = replace(
+                changes,
+                forked=_frozen(forked),
+                fork_exited=_frozen(fork_exited),
+                execd=frozenset(execd),
+            )
+        return changes
+
+    def _forks(self, events: Sequence[Event]) -> tuple[dict[int, int], dict[int, int], set[int]]:
+        """Forks of tracked processes in this batch, and exits and execs of their children,
+        in event order (a child may fork, exec and exit within one batch)."""
+        forked: dict[int, int] = {}
+        exited: dict[int, int] = {}
+        execd: set[int] = set()
+        for kind, arg in events:
+            if kind == "forked":
+                parent, child = arg
+                if parent in self.tracked:
+                    self.fork_children[child] = forked[child] = parent
+            elif kind == "exec" and arg in self.fork_children:
+                del self.fork_children[arg]
+                execd.add(arg)
+            elif kind == "exit" and arg in self.fork_children:
+                exited[arg] = self.fork_children.pop(arg)
+        return forked, exited, execd
+
+    # -- internals
+
+    def _current(self) -> dict[int, ProcessInfo]:
+        return {pid: t.proc for pid, t in self.tracked.items()}
+
+    def _lookup(self, pid: int, race: bool = True) -> ProcessInfo | object | None:
+        """The process now at `pid`; None if it is gone (a race, counted, when an event
+        named it a moment ago), _DENIED if we may not read it, or if reading it failed
+        otherwise (counted and logged once per kind: one pid never costs the others)."""
+        self.counters["lookups"] += 1
+        try:
+            return self.backend.process(pid)
+        except (ProcessGone, ProcessLookupError):  # ESRCH from a backend that let it through
+            self.counters["vanished"] += race
+            return None
+        except AccessDenied:
+            self.counters["denied"] += 1
+            return _DENIED
+        except Exception as e:
+            self.counters["lookup_failed"] += 1
+            _failed(f"cannot read pid {pid}", e)
+            return _DENIED  # keep what we knew of it: the next rescan asks again
+
+    def _apply(self, p: Plan) -> Changes:
+        dropped: dict[int, str] = {}
+        retargeted: dict[int, str] = {}
+        added: dict[int, str] = {}
+        for pid, reason in p.drop:
+            t = self.tracked.pop(pid, None)
+            if t is not None:
+                t.handle.close()
+                dropped[pid] = reason
+                log.debug("dropped pid %d (%s, target %s): %s", pid, t.proc.comm,
+                          t.target.name, reason)  # fmt: skip
+        for info, target in p.keep:
+            old = self.tracked[info.pid]
+            if old.target != target:
+                retargeted[info.pid] = target.name
+            self.tracked[info.pid] = replace(old, proc=info, target=target)
+        for info, target in p.add:
+            try:
+                handle = self.opener(info)
+            except ProcessGone:
+                self.counters["vanished"] += 1
+                continue
+            except AccessDenied:
+                self.counters["denied"] += 1
+                continue
+            except OSError as e:  # EMFILE and the like: try again at the next rescan
+                self.counters["open_failed"] += 1
+                log.warning("cannot open a pidfd on pid %d (%s): %s", info.pid, info.comm, e)
+                continue
+            except Exception as e:
+                self.counters["open_failed"] += 1
+                _failed(f"cannot open pid {info.pid}", e)
+                continue
+            if _exited(handle):  # a zombie (listed until reaped): nothing left to track
+                handle.close()
+                self.counters["vanished"] += 1
+                continue
+            self.tracked[info.pid] = Tracked(info, target, handle)
+            added[info.pid] = target.name
+            log.debug("tracking pid %d (%s) for target %s", info.pid, info.comm, target.name)
+        return Changes(_frozen(added), _frozen(dropped), _frozen(retargeted))
+
+    def _next_rescan(self) -> float:
+        if self._last_rescan is None:
+            return float("-inf")
+        healthy = self.events is not None and self.events.available
+        return self._last_rescan + (self.rescan_interval if healthy else self.fallback_interval)
+
+    def _rescan_due(self) -> bool:
+        return self.clock() >= self._next_rescan()
+
+
+_DENIED = object()
+
+
+def _failed(what: str, e: Exception) -> None:
+    """An unforeseen error about one process: logged once per kind, by its type only (its
+    text may quote what the process controls), with the traceback at debug level."""
+    log_once(log, ("discovery", type(e).__name__), logging.WARNING,
+             "%s: unexpected %s; carrying on with the other processes (logged once per "
+             "kind)", what, type(e).__name__)  # fmt: skip
+    log.debug("%s", what, exc_info=e)
+
+
+def _exited(handle: object) -> bool:
+    """Whether the process behind a pidfd has exited (the pidfd polls readable once the
+    whole thread group is gone, zombie or reaped); handles without one may say `exited`."""
+    exited = getattr(handle, "exited", None)
+    if isinstance(exited, bool):
+        return exited
+    fd = getattr(handle, "fd", None)
+    if not isinstance(fd, int) or fd < 0:
+        return False
+    p = _select.poll()
+    p.register(fd, _select.POLLIN)
+    return bool(p.poll(0))

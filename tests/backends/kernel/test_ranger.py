@@ -1,0 +1,481 @@
+"""Translation Ranger's scan_process_memory: the support gate, the refusal on this kernel,
+the call loop with a scripted syscall, and the parsers of the kernel's text.
+
+No sample below was recorded from a kernel: this machine runs mainline, which has no
+scan_process_memory. Each sample is built by hand from the format strings quoted in
+/work/shared/reference/translation_ranger.md §1.2 (RFC04 and ISCA@08047bf layouts), except
+the first contiguity line, which is the blog example quoted there verbatim.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.backends.kernel.procs import PidHandle
+from memdefragd.backends.kernel.ranger import (
+    MEM_DEFRAG_CONTIG_SCAN,
+    MEM_DEFRAG_DEFRAG,
+    ChunkResult,
+    ContigVma,
+    DefragStats,
+    DefragVma,
+    Ranger,
+    RangerParseError,
+    RangerUnavailable,
+    last_attempts,
+    parse_contig_dump,
+    parse_defrag_log,
+    parse_stats,
+    ranger_support,
+    summarize,
+)
+from memdefragd.model import AccessDenied, ProcessGone
+
+PAGE = 4096
+
+# ---- the gate ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def patched_root(tmp_path: Path) -> str:
+    """A fake /proc of a Translation Ranger kernel: the identity sysctl and a release."""
+    (tmp_path / "sys/vm").mkdir(parents=True)
+    (tmp_path / "sys/vm/kmem_defragd_always").write_text("0\n")
+    (tmp_path / "sys/kernel").mkdir(parents=True)
+    (tmp_path / "sys/kernel/osrelease").write_text("5.0.0-rc5-ranger+\n")
+    return str(tmp_path)
+
+
+@pytest.fixture
+def no_ctypes_calls(monkeypatch):
+    """Any attempt to load a C library (and so to reach syscall()) fails the test."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError(f"a C library was loaded: {args}")
+
+    class NoLoader:
+        def __getattr__(self, name):
+            boom(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", boom)
+    monkeypatch.setattr(ctypes, "cdll", NoLoader())
+
+
+def test_this_kernel_is_refused_with_an_actionable_reason():
+    if Path("/proc/sys/vm", "kmem_defragd_always").exists():
+        pytest.skip("this kernel is patched with Translation Ranger")
+    release = os.uname().release
+    for nr in (None, 333, 335):  # 333 and 335 are io_pgetevents and uretprobe on mainline
+        ok, reason = ranger_support(nr)
+        assert ok is False
+        assert "/proc/sys/vm/kmem_defragd_always" in reason
+        assert f"Linux {release}" in reason
+        assert "use method 'collapse'" in reason
+
+
+@pytest.mark.parametrize("nr", [None, 333, 335])
+def test_ranger_refuses_to_exist_on_this_kernel_without_any_call(no_ctypes_calls, nr):
+    if Path("/proc/sys/vm", "kmem_defragd_always").exists():
+        pytest.skip("this kernel is patched with Translation Ranger")
+    with pytest.raises(RangerUnavailable, match="kmem_defragd_always"):
+        Ranger(nr)
+
+
+def test_no_ctypes_calls_fixture_can_fail(no_ctypes_calls):
+    """The guard above really trips when a library is loaded."""
+    with pytest.raises(AssertionError):
+        ctypes.CDLL(None)
+
+
+def test_patched_kernel_without_a_number_is_refused(patched_root, no_ctypes_calls):
+    ok, reason = ranger_support(None, patched_root)
+    assert ok is False
+    assert "daemon.ranger.syscall" in reason
+    with pytest.raises(RangerUnavailable, match=r"daemon\.ranger\.syscall"):
+        Ranger(None, proc_root=patched_root)
+
+
+@pytest.mark.parametrize("nr", [-1, True, "335", 3.0])
+def test_bad_numbers_are_refused(patched_root, nr):
+    ok, reason = ranger_support(nr, patched_root)
+    assert ok is False
+    assert "non-negative integer" in reason
+
+
+def test_patched_kernel_with_a_number_is_accepted_and_construction_calls_nothing(
+    patched_root, no_ctypes_calls
+):
+    assert ranger_support(335, patched_root) == (True, "")
+    r = Ranger(335, proc_root=patched_root)
+    assert r.syscall_nr == 335
+
+
+def test_unpatched_fake_root_names_its_release(tmp_path):
+    (tmp_path / "sys/kernel").mkdir(parents=True)
+    (tmp_path / "sys/kernel/osrelease").write_text("6.18.0-test\n")
+    ok, reason = ranger_support(335, str(tmp_path))
+    assert ok is False
+    assert "Linux 6.18.0-test" in reason
+
+
+# ---- the call loop, with the syscall scripted ----------------------------------------------
+
+
+@pytest.fixture
+def me() -> PidHandle:
+    """A handle on this test process: the scripted syscall never touches it."""
+    h = PidHandle(KernelBackend().process(os.getpid()))
+    yield h
+    h.close()
+
+
+def scripted(ranger: Ranger, monkeypatch, answers, log=None):
+    """Replace the raw syscall: each answer is bytes (written to the buffer; their length
+    returned), an int >= 0 (returned), or -errno."""
+    script = list(answers)
+    calls = log if log is not None else []
+
+    def fake(pid, buf, buf_len, action):
+        calls.append((pid, buf_len, action))
+        a = script.pop(0)
+        if isinstance(a, bytes):
+            assert buf is not None and len(a) <= buf_len
+            ctypes.memmove(buf, a, len(a))
+            return len(a), 0
+        return (a, 0) if a >= 0 else (-1, -a)
+
+    monkeypatch.setattr(ranger, "_syscall", fake)
+    return calls, script
+
+
+def test_defrag_loops_until_zero_and_parses_the_log(patched_root, monkeypatch, me):
+    r = Ranger(335, proc_root=patched_root, buf_len=1 << 16)
+    text = RFC_LOG.encode()
+    cut = text.index(b"[0x7f0000200000")
+    calls, script = scripted(r, monkeypatch, [text[:cut], text[cut:], 0])
+    done = r.defrag(me)
+    assert calls == [(os.getpid(), 1 << 16, MEM_DEFRAG_DEFRAG)] * 3
+    assert script == []
+    assert (done.calls, done.complete) == (3, True)
+    assert done.log == parse_defrag_log(RFC_LOG)
+    assert len(done.log.chunks) == 4
+
+
+def test_defrag_without_log_follows_one_and_zero(patched_root, monkeypatch, me):
+    r = Ranger(335, proc_root=patched_root)
+    calls, _ = scripted(r, monkeypatch, [1, 1, 0])
+    done = r.defrag(me, log=False)
+    assert [c[1] for c in calls] == [0, 0, 0]  # no buffer given
+    assert (done.calls, done.complete, done.log.chunks) == (3, True, ())
+
+
+def test_defrag_stops_at_max_calls_and_should_stop(patched_root, monkeypatch, me):
+    r = Ranger(335, proc_root=patched_root)
+    scripted(r, monkeypatch, [1, 1, 1])
+    done = r.defrag(me, log=False, max_calls=2)
+    assert (done.calls, done.complete) == (2, False)
+    asked = []
+    done = r.defrag(me, log=False, should_stop=lambda: asked.append(1) or True)
+    assert (done.calls, done.complete, asked) == (1, False, [1])  # asked between calls only
+
+
+@pytest.mark.parametrize(
+    ("err", "exc"),
+    [
+        (errno.ESRCH, ProcessGone),
+        (errno.EPERM, AccessDenied),
+        (errno.ENOSYS, RangerUnavailable),
+        (errno.EINVAL, OSError),
+    ],
+)
+def test_errors_of_the_syscall(patched_root, monkeypatch, me, err, exc):
+    r = Ranger(335, proc_root=patched_root)
+    scripted(r, monkeypatch, [-err])
+    with pytest.raises(exc):
+        r.defrag(me)
+
+
+def test_an_exited_process_is_never_named(patched_root, monkeypatch):
+    """The syscall takes a pid; once the process exits that pid may name another one, so
+    the pidfd is checked first and no call is made."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        h = PidHandle(KernelBackend().process(child.pid))
+    finally:
+        child.stdin.close()
+        child.wait()
+    r = Ranger(335, proc_root=patched_root)
+    calls, _ = scripted(r, monkeypatch, [0])
+    with h, pytest.raises(ProcessGone):
+        r.defrag(h)
+    assert calls == []
+
+
+def test_passes_never_interleave(patched_root, monkeypatch, me):
+    """Two threads, each with its own Ranger, run a three-call pass each: the kernel must
+    see one whole pass, then the other (it keeps one scan state for the whole system and
+    resets it when another mm is named)."""
+    rangers = {n: Ranger(335, proc_root=patched_root) for n in "AB"}
+    seen: list[str] = []
+    busy = threading.Lock()
+
+    def fake(pid, buf, buf_len, action):
+        assert busy.acquire(blocking=False), "two calls at once"
+        try:
+            name = threading.current_thread().name
+            seen.append(name)
+            time.sleep(0.01)
+            return (0 if seen.count(name) == 3 else 1), 0
+        finally:
+            busy.release()
+
+    for r in rangers.values():
+        monkeypatch.setattr(r, "_syscall", fake)
+    threads = [
+        threading.Thread(target=r.defrag, args=(me,), kwargs={"log": False}, name=n)
+        for n, r in rangers.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen in (list("AAABBB"), list("BBBAAA"))
+
+
+def test_contig_scan_joins_a_line_split_across_calls(patched_root, monkeypatch, me):
+    r = Ranger(335, proc_root=patched_root)
+    calls, _ = scripted(
+        r,
+        monkeypatch,
+        [
+            b"00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, -29, 1, ",
+            b"1, 1, 1, -1\n",
+            0,
+        ],
+    )
+    (vma,) = r.contig_scan(me)
+    assert {c[2] for c in calls} == {MEM_DEFRAG_CONTIG_SCAN}
+    assert vma.runs == (-29, 1, 1, 1, 1)
+
+
+# ---- the contiguity dump (action 5) --------------------------------------------------------
+
+CONTIG = (
+    # the blog example quoted in translation_ranger.md §1.2
+    "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, -29, 1, 1, 1, 1, -1\n"
+    # ineligible VMA: "%p, 0x%lx, 0x%lx, 0x%lx, -1\n"
+    "00000000a8b6e356, 0xffff9b35d78176e0, 0x7ffc42500000, 0x7ffc42502000, -1\n"
+    # eligible, built: two whole THPs (512 each), a 256-page hole, 255 pages, one not present
+    "00000000a8b6e356, 0xffff9b35d7817870, 0x7f0000000000, 0x7f0000600000, 512, 512, -256, 255, -1, -1\n"
+)
+
+
+def test_parse_contig_dump():
+    blog, ineligible, built = parse_contig_dump(CONTIG)
+    assert blog == ContigVma(
+        "00000000a8b6e356", 0xFFFF9B35D7817550, 0x7FFC42439000, 0x7FFC4245A000, (-29, 1, 1, 1, 1)
+    )
+    assert blog.eligible
+    assert blog.pages == (blog.end - blog.start) // PAGE == 33
+    assert blog.present_runs == (1, 1, 1, 1)
+    assert blog.present_pages == 4
+
+    assert ineligible.runs == ()
+    assert not ineligible.eligible
+    assert ineligible.present_pages == 0
+
+    assert built.runs == (512, 512, -256, 255, -1)  # a last run of -1 before the end mark
+    assert built.pages == (built.end - built.start) // PAGE
+    assert built.present_pages == 1279
+
+
+def test_contig_dump_blank_lines_and_no_trailing_newline():
+    assert parse_contig_dump("") == ()
+    assert len(parse_contig_dump(CONTIG.rstrip("\n") + "\n\n")) == 3
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, -29, 1",  # no end mark
+        "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, -1",  # no end address
+        "00000000a8b6e356, ffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, -1",  # no 0x
+        "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, x, -1",
+        "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc4245a000, 0x7ffc42439000, -1",  # end < start
+        "----",  # the launcher's snapshot separator is not kernel output
+    ],
+)
+def test_contig_dump_rejects(line):
+    with pytest.raises(RangerParseError):
+        parse_contig_dump(line + "\n")
+
+
+# ---- the defrag log (action 3) -------------------------------------------------------------
+
+VMA_ID = "ffff9b35d7817870"
+TAIL = f"anchor: (7f0000000, 40000), range: [7f0000000000, 7f00005ff000], vma: 0x{VMA_ID}"
+
+
+def rfc_chunk(start: int, end: int, pages: int, nd: int = 0, **counts: int) -> str:
+    """One chunk line by RFC04's format string (no comma before "dst:")."""
+    c = {
+        "alig": 0, "migrated": 0, "not": 0, "src_thp_dst_not": 0, "src_pte_thp": 0,
+        "out_bound": 0, "dst_thp_src_not": 0, "dst_pte_thp": 0, "isolate_free": 0,
+        "migrate_free": 0, "anon": 0, "file": 0, "non_lru": 0, "non_moveable": 0,
+    } | counts  # fmt: skip
+    return (
+        f"[0x{start:x}, 0x{end:x}):{pages} [alig:{c['alig']}, migrated:{c['migrated']}, "
+        f"src: not:{c['not']}, src_thp_dst_not:{c['src_thp_dst_not']}, "
+        f"src_pte_thp:{c['src_pte_thp']} dst: out_bound:{c['out_bound']}, "
+        f"dst_thp_src_not:{c['dst_thp_src_not']}, dst_pte_thp:{c['dst_pte_thp']}, "
+        f"isolate_free:{c['isolate_free']}, migrate_free:{c['migrate_free']}, "
+        f"anon:{c['anon']}, file:{c['file']}, non-lru:{c['non_lru']}, "
+        f"non-moveable:{c['non_moveable']}], {TAIL}, not_defrag_vpn: {nd:x}\n"
+    )
+
+
+B = 0x7F0000000000
+MiB2 = 2 << 20
+BLOCKED = B + MiB2 + 101 * PAGE  # just after the unmovable page 100 of the second chunk
+RFC_LOG = (
+    f"vma: 0x{VMA_ID}, 0x{B:x}, 0x{B + 3 * MiB2:x}, -1\n"
+    # chunk 1: clean, 12 pages already in place
+    + rfc_chunk(B, B + MiB2, 512, alig=12, migrated=500)
+    # chunk 2: hard stop on an unmovable destination, then the rest of the same chunk
+    # (counters carry over: migrated 100 then 100 + 411)
+    + rfc_chunk(B + MiB2, B + 2 * MiB2, 512, nd=BLOCKED, migrated=100, non_moveable=1)
+    + rfc_chunk(BLOCKED, B + 2 * MiB2, 411, migrated=511, non_moveable=1)
+    # chunk 3: half not present
+    + rfc_chunk(B + 2 * MiB2, B + 3 * MiB2, 512, migrated=256, **{"not": 256})
+)
+
+ISCA_LINE = (
+    f"[0x{B:x}, 0x{B + MiB2:x}):512 [alig:3, migrated:505, src: not:0, compound:1, "
+    f"dst: out_bound:0, compound:2, free:1, anon:0, file:0, non-lru:0, non-moveable:0], "
+    f"{TAIL}, not_defrag_vpn: 0\n"
+)
+
+
+def test_parse_rfc_defrag_log():
+    log = parse_defrag_log(RFC_LOG)
+    assert log.vmas == (DefragVma(int(VMA_ID, 16), B, B + 3 * MiB2),)
+    assert not log.truncated
+    first, stop, rest, holes = log.chunks
+    assert first == ChunkResult(
+        start=B,
+        end=B + MiB2,
+        pages=512,
+        stats=DefragStats(aligned=12, migrated=500),
+        anchor_vpn=B >> 12,
+        anchor_pfn=0x40000,
+        anchor_start=B,
+        anchor_last=B + 3 * MiB2 - PAGE,
+        vma_id=int(VMA_ID, 16),
+        not_defrag=0,
+    )
+    assert not first.hard_stop
+    assert first.stats.failures() == {}
+    assert stop.hard_stop and stop.not_defrag == BLOCKED
+    assert stop.stats.failures() == {"dst_non_moveable_failed": 1}
+    assert (rest.start, rest.pages, rest.stats.migrated) == (BLOCKED, 411, 511)
+    assert holes.stats.failures() == {"src_not_present": 256}
+    assert holes.stats.failed == 256
+
+
+def test_every_rfc_counter_lands_in_its_field():
+    keys = {
+        "alig": "aligned", "migrated": "migrated", "not": "src_not_present",
+        "src_thp_dst_not": "src_thp_dst_not_failed", "src_pte_thp": "src_pte_thp_failed",
+        "out_bound": "dst_out_of_bound_failed", "dst_thp_src_not": "dst_thp_src_not_failed",
+        "dst_pte_thp": "dst_pte_thp_failed", "isolate_free": "dst_isolate_free_failed",
+        "migrate_free": "dst_migrate_free_failed", "anon": "dst_anon_failed",
+        "file": "dst_file_failed", "non_lru": "dst_non_lru_failed",
+        "non_moveable": "dst_non_moveable_failed",
+    }  # fmt: skip
+    counts = {k: i + 1 for i, k in enumerate(keys)}  # all different
+    (chunk,) = parse_defrag_log(rfc_chunk(B, B + MiB2, 512, **counts)).chunks
+    got = {f: getattr(chunk.stats, f) for f in keys.values()}
+    assert got == {keys[k]: v for k, v in counts.items()}
+    assert chunk.stats.dst_compound_failed == 0
+
+
+def test_parse_isca_layout():
+    (chunk,) = parse_defrag_log(ISCA_LINE).chunks
+    assert chunk.stats == DefragStats(
+        aligned=3,
+        migrated=505,
+        src_pte_thp_failed=1,  # ISCA "src: compound" = RFC src_pte_thp_failed
+        dst_compound_failed=2,  # ISCA "dst: compound": no stated RFC equivalent
+        dst_migrate_free_failed=1,  # ISCA "dst: free" = RFC dst_migrate_free_failed
+    )
+
+
+def test_retries_of_one_chunk_count_once():
+    chunks = parse_defrag_log(RFC_LOG).chunks
+    settled = last_attempts(chunks)
+    assert [c.start for c in settled] == [B, BLOCKED, B + 2 * MiB2]
+    s = summarize(chunks)
+    assert s.chunks == 3
+    assert s.clean_chunks == 1
+    assert s.pages.aligned == 12
+    assert s.pages.migrated == 500 + 511 + 256  # not 500 + 100 + 511 + 256
+    assert s.pages.dst_non_moveable_failed == 1  # not 2
+    assert s.pages.src_not_present == 256
+    assert dict(s.chunk_failures) == {"dst_non_moveable_failed": 1, "src_not_present": 1}
+
+
+def test_a_hard_stop_at_a_chunk_end_starts_no_retry():
+    """A stop whose next address is the chunk's end moves on to the next chunk: two
+    chunks, both counted."""
+    a = rfc_chunk(B, B + MiB2, 512, nd=B + MiB2, migrated=511, anon=1)
+    b = rfc_chunk(B + MiB2, B + 2 * MiB2, 512, migrated=512)
+    assert summarize(parse_defrag_log(a + b).chunks).chunks == 2
+
+
+def test_cut_off_log_is_flagged_truncated():
+    cut = RFC_LOG[: RFC_LOG.rindex("[0x") + 40]
+    log = parse_defrag_log(cut)
+    assert log.truncated
+    assert len(log.chunks) == 3
+    assert parse_defrag_log("") == parse_defrag_log("\n")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        rfc_chunk(B, B + MiB2, 512).replace("src: not", "src: weird"),  # unknown counter
+        rfc_chunk(B, B + MiB2, 512).replace("anon:0", "anon:0, anon:1"),  # given twice
+        rfc_chunk(B, B + MiB2, 512).replace("migrated:0", "migrated:zero"),
+        rfc_chunk(B, B + MiB2, 512).replace("not_defrag_vpn", "not_defrag"),
+        "vma: 0x1, 0x2, 0x3\n",
+        "something else\n",
+    ],
+)
+def test_defrag_log_rejects(line):
+    with pytest.raises(RangerParseError):
+        parse_defrag_log(line)
+
+
+def test_parse_stats_needs_the_aligned_counter():
+    with pytest.raises(RangerParseError):
+        parse_stats("migrated:5")
+    assert parse_stats("alig:1, migrated:2") == DefragStats(aligned=1, migrated=2)
+
+
+def test_stats_add_up():
+    a = DefragStats(aligned=1, dst_anon_failed=2)
+    b = DefragStats(aligned=3, src_not_present=4)
+    assert a + b == DefragStats(aligned=4, dst_anon_failed=2, src_not_present=4)
+    assert (a + b).failed == 6
