@@ -1,7 +1,7 @@
 # The README's two commands:
 #   make run    set up a virtualenv and run the daemon in the foreground on
 #               etc/memdefragd.yaml (CONFIG=FILE for another), until Ctrl-C
-#   make test   set up and run the whole test suite (ruff, unit, real-kernel, end-to-end)
+#   make test   set up and run the whole test suite (ruff, mypy, unit, real-kernel, end-to-end)
 # Both install what they need: Debian packages when run as root (or with sudo), then a
 # virtualenv in .venv with the package and its dependencies.
 
@@ -15,17 +15,22 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linu
 # (systemd-container and debootstrap: the end-to-end test of the systemd unit boots a
 # container with systemd-nspawn, in tests/deploy/)
 
-.PHONY: run test lint setup system-deps promtool clean install uninstall
+.PHONY: run test lint typecheck setup system-deps promtool clean install uninstall
 
 run: setup
 	$(BIN)/memdefragd run --config $(CONFIG)
 
-test: setup lint promtool
+test: setup lint typecheck promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy --strict over the package ([tool.mypy] in pyproject.toml), which includes the proof
+# that both backends satisfy the backend protocol.
+typecheck: setup
+	$(BIN)/mypy
 
 setup: $(VENV)/.installed
 

@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -60,112 +59,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.child import answer, spawn
+
 REPO = Path(__file__).resolve().parents[1]
+
 MiB = 1 << 20
 GiB = 1 << 30
 PMD = 2 * MiB
 TICK = os.sysconf("SC_CLK_TCK")
 SCAN_INTERVAL = 1.0
 GOAL = 0.9
-
-# The child: one anonymous mapping of exactly `size` bytes at a 2 MiB-aligned address (it
-# maps 4 MiB more and unmaps the unaligned head and tail; MADV_DONTFORK keeps anything the
-# interpreter maps next to it from merging), populated with 4 KiB pages. It prints one JSON
-# line, then answers commands on stdin, one JSON line each:
-#   collapse   madvise(MADV_COLLAPSE) over the whole mapping, timed (EAGAIN: again)
-#   hugepage   madvise(MADV_HUGEPAGE) over the whole mapping
-#   gather     ns per access of a random gather over the mapping as a uint64 array
-CHILD = r"""
-import ctypes, json, os, sys, time
-
-cfg = json.loads(sys.argv[1])
-PMD = 2 << 20
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long)
-libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
-                       ctypes.c_ulong)
-
-
-def check(ret, what):
-    if ret != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def mapping(size):
-    raw = libc.mmap(None, size + 2 * PMD, 3, 0x22, -1, 0)  # RW, MAP_PRIVATE|MAP_ANONYMOUS
-    if raw is None or raw == ctypes.c_void_p(-1).value:
-        raise OSError(ctypes.get_errno(), "mmap")
-    addr = (raw + PMD) & ~(PMD - 1)
-    check(libc.munmap(raw, addr - raw), "munmap head")
-    check(libc.munmap(addr + size, raw + size + 2 * PMD - (addr + size)), "munmap tail")
-    check(libc.madvise(addr, size, 10), "MADV_DONTFORK")
-    if libc.madvise(addr, size, 23) != 0:  # MADV_POPULATE_WRITE, else one write per page
-        for off in range(0, size, 4096):
-            ctypes.memset(addr + off, 0x5A, 1)
-    return addr
-
-
-def collapse(addr, size):
-    for tries in range(1, 9):
-        t0 = time.perf_counter()
-        ok = libc.madvise(addr, size, 25) == 0
-        dt = time.perf_counter() - t0
-        err = 0 if ok else ctypes.get_errno()
-        yield dt, err, tries
-        if err != 11:  # EAGAIN: some region was busy, the others are done; again
-            return
-
-
-check(libc.prctl(15, cfg["comm"].encode(), 0, 0, 0), "PR_SET_NAME")
-size = cfg["size"]
-t0 = time.perf_counter()
-addr = mapping(size)
-ready = {"addr": addr, "populate": time.perf_counter() - t0}
-if cfg.get("self_collapse"):
-    ready["collapse_errno"] = list(collapse(addr, size))[-1][1]
-gather = None
-if cfg.get("gather"):
-    import numpy as np
-
-    k = cfg["gather"]
-    n = size // 8
-    big = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_uint64)), (n,))
-    aux_size = -(-2 * k * 8 // PMD) * PMD  # the index and output arrays, made huge now so
-    aux = mapping(aux_size)  # that only the big array's pages differ before and after
-    ready["aux_errno"] = list(collapse(aux, aux_size))[-1][1]
-    idx = np.ctypeslib.as_array(ctypes.cast(aux, ctypes.POINTER(ctypes.c_int64)), (k,))
-    out = np.ctypeslib.as_array(ctypes.cast(aux + 8 * k, ctypes.POINTER(ctypes.c_uint64)), (k,))
-    idx[:] = np.random.default_rng(20261125).integers(0, n, size=k)
-
-    def gather(rounds=cfg.get("rounds", 3)):
-        np.take(big, idx, out=out)  # warm-up
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            np.take(big, idx, out=out)
-            times.append(time.perf_counter() - t0)
-        return {"ns": min(times) / k * 1e9, "all_ns": [t / k * 1e9 for t in times]}
-
-print(json.dumps(ready), flush=True)
-for line in sys.stdin:
-    cmd = line.strip()
-    if cmd == "collapse":
-        runs = list(collapse(addr, size))
-        reply = {"seconds": sum(r[0] for r in runs), "errno": runs[-1][1], "tries": len(runs)}
-    elif cmd == "hugepage":
-        check(libc.madvise(addr, size, 14), "MADV_HUGEPAGE")
-        reply = {"ok": True}
-    elif cmd == "gather":
-        reply = gather()
-    else:
-        reply = {"error": f"unknown command {cmd!r}"}
-    print(json.dumps(reply), flush=True)
-"""
 
 
 def progress(msg: str) -> None:
@@ -257,34 +162,30 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}
 
 
-def readline(p: subprocess.Popen, timeout: float) -> str:
-    with selectors.DefaultSelector() as sel:
-        sel.register(p.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"pid {p.pid} did not answer within {timeout:g} s")
-    line = p.stdout.readline()
-    if not line:
-        raise RuntimeError(f"pid {p.pid} exited with status {p.wait()}")
-    return line
-
-
 class Child:
-    """A target: one mapping of `size` bytes at `addr`, under the name `comm`."""
+    """A target (tools/child.py): one mapping of `size` bytes at `addr`, populated with
+    MADV_POPULATE_WRITE, under the name `comm`; commands "collapse", "hugepage", "gather"."""
 
     def __init__(self, comm: str, size: int, **cfg: object):
         self.comm, self.size = comm, size
-        self.p = subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps({"comm": comm, "size": size, **cfg})],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-        )
+        cfg = {"comm": comm, "size": size, "populate": "write", **cfg}
+        self.p = spawn(cfg, env=child_env())
         self.ready: dict = {}
 
     def wait_ready(self, timeout: float = 600) -> Child:
-        self.ready = json.loads(readline(self.p, timeout))
+        self.ready = answer(self.p, timeout)
         return self
+
+    def __enter__(self) -> Child:
+        """Ready, or stopped: `with Child(...) as child:` never leaves one behind."""
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def pid(self) -> int:
@@ -295,9 +196,7 @@ class Child:
         return self.ready["addr"]
 
     def ask(self, cmd: str, timeout: float = 600) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return json.loads(readline(self.p, timeout))
+        return answer(self.p, timeout, cmd)
 
     def coverage(self) -> float:
         return coverage(self.pid, self.addr)
@@ -439,27 +338,18 @@ def part_a(args, tag: str) -> dict:
     # here: 1.9 s, then 0.2 s, for 512 MiB). A throwaway collapse first, so that raw and
     # daemon both collapse into memory the host already backs.
     progress(f"(a) warm-up: populating {size / GiB:g} GiB, collapsing it, unmeasured")
-    warm = Child(f"mdb{tag}awarm", size).wait_ready()
-    try:
+    with Child(f"mdb{tag}awarm", size) as warm:
         w = warm.ask("collapse")
-    finally:
-        warm.stop()
     progress(f"(a) raw: populating {size / GiB:g} GiB with 4 KiB pages")
-    raw = Child(f"mdb{tag}araw", size).wait_ready()
-    try:
+    with Child(f"mdb{tag}araw", size) as raw:
         progress("(a) raw: madvise(MADV_COLLAPSE) over the whole range")
         r = raw.ask("collapse")
         r["coverage"] = raw.coverage()
         r["populate"] = raw.ready["populate"]
-    finally:
-        raw.stop()
     progress(f"(a) daemon: populating a fresh {size / GiB:g} GiB child")
-    child = Child(f"mdb{tag}a", size).wait_ready()
-    try:
+    with Child(f"mdb{tag}a", size) as child:
         progress("(a) daemon: running memdefragd until 90% is huge")
         d = daemon_to_goal(child, timeout=max(120.0, 20 * r["seconds"]))
-    finally:
-        child.stop()
     return {"warm": w, "raw": r, "daemon": d}
 
 
@@ -503,18 +393,14 @@ class Khugepaged(threading.Thread):
 
 def part_b_daemon(args, tag: str) -> dict:
     progress(f"(b) daemon: {args.small // MiB} MiB target")
-    child = Child(f"mdb{tag}b", args.small).wait_ready()
-    try:
+    with Child(f"mdb{tag}b", args.small) as child:
         return daemon_to_goal(child, timeout=300)
-    finally:
-        child.stop()
 
 
 def part_c(args, tag: str) -> dict:
     size = args.size
     progress(f"(c) populating a {size / GiB:g} GiB array with 4 KiB pages")
-    child = Child(f"mdb{tag}c", size, gather=args.accesses).wait_ready()
-    try:
+    with Child(f"mdb{tag}c", size, gather=args.accesses) as child:
         progress("(c) random gather before")
         before = child.ask("gather")
         cov_before = child.coverage()
@@ -523,8 +409,6 @@ def part_c(args, tag: str) -> dict:
         cov_after = child.coverage()
         progress("(c) random gather after (daemon stopped)")
         after = child.ask("gather")
-    finally:
-        child.stop()
     return {
         "before": before,
         "after": after,
@@ -537,7 +421,7 @@ def part_c(args, tag: str) -> dict:
 def part_d(args, tag: str) -> list[dict]:
     n = args.idle_targets
     progress(f"(d) starting {n} idle targets of 64 MiB, collapsed by themselves")
-    kids = [Child(f"mdb{tag}d{i}", 64 * MiB, self_collapse=True) for i in range(n)]
+    kids = [Child(f"mdb{tag}d{i}", 64 * MiB, collapse=[0, 64 * MiB]) for i in range(n)]
     out = []
     try:
         for k in kids:

@@ -8,7 +8,7 @@ round and keeping the best of --repeat rounds for each:
 
   (a) raw         one os.preadv of the whole VMA's pagemap range into a preallocated
                   buffer: what fetching the kernel's answer costs, nothing else
-  (b) scan        report.scan_process without detail: the VMA list from /proc/PID/maps,
+  (b) scan        pipeline.scan.scan_process without detail: the VMA list from /proc/PID/maps,
                   then pagemap read in windows (PAGEMAP_SCAN first for sparse VMAs, or only
                   over THP candidates for dense ones), the metrics of every VMA folded
                   window by window, and the per-process rollup (the daemon's periodic scan)
@@ -27,10 +27,10 @@ numbers need CAP_SYS_ADMIN.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,31 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import memdefragd.backends.kernel.backend as kernel_backend
 from memdefragd.backends.kernel.backend import KernelBackend
 from memdefragd.pipeline.scan import scan_process
+from tools.child import spawn
 
 PAGE = 4096
 MiB = 1 << 20
 GiB = 1 << 30
-
-CHILD = r"""
-import ctypes, os, sys
-size = int(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long)
-libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-addr = libc.mmap(None, size, 3, 0x22, -1, 0)  # PROT_RW, MAP_PRIVATE|MAP_ANONYMOUS
-if addr is None or addr == ctypes.c_void_p(-1).value:
-    raise OSError(ctypes.get_errno(), "mmap")
-if libc.madvise(addr, size, 15) != 0:  # MADV_NOHUGEPAGE
-    raise OSError(ctypes.get_errno(), "madvise(MADV_NOHUGEPAGE)")
-if libc.madvise(addr, size, 23) != 0:  # MADV_POPULATE_WRITE (5.14+), else touch each page
-    ctypes.memset(addr, 0x5A, size)
-sys.stdout.write(f"{addr}\n")
-sys.stdout.flush()
-while os.read(0, 4096):
-    pass
-"""
+MADV_NOHUGEPAGE = 15
 
 
 def maxrss() -> int:
@@ -146,12 +127,8 @@ def main() -> int:
 
     rss = {"at start (interpreter + numpy)": maxrss()}
     t0 = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(size)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    # tools/child.py: one 2 MiB-aligned mapping, MADV_NOHUGEPAGE, MADV_POPULATE_WRITE.
+    child = spawn({"size": size, "populate": "write", "advise": [MADV_NOHUGEPAGE]})
     backend = KernelBackend()
     fallback = KernelBackend(use_scan=False)
     try:
@@ -159,7 +136,7 @@ def main() -> int:
         if not line:
             print(f"child failed (exit status {child.wait()})", file=sys.stderr)
             return 1
-        addr = int(line)
+        addr = json.loads(line)["addr"]
         populate = time.perf_counter() - t0
 
         vis = backend.pfn_visibility()

@@ -59,13 +59,16 @@ def main() -> int:
     ap.add_argument("--no-big", action="store_true", help="skip the big ranger run")
     args = ap.parse_args()
 
-    sc = Scenario(
-        memory=parse_size(args.memory),
-        fragmentation=args.fragmentation,
-        unmovable=args.unmovable,
-        unmovable_layout=args.unmovable_layout,
-        seed=args.seed,
-    )
+    def scenario(memory: str) -> Scenario:
+        return Scenario(
+            memory=parse_size(memory),
+            fragmentation=args.fragmentation,
+            unmovable=args.unmovable,
+            unmovable_layout=args.unmovable_layout,
+            seed=args.seed,
+        )
+
+    sc = scenario(args.memory)
     t0 = time.perf_counter()
     aged = age(sc)
     aging = time.perf_counter() - t0
@@ -117,13 +120,7 @@ def main() -> int:
 
     if args.no_big:
         return 0
-    big_sc = Scenario(
-        memory=parse_size(args.big_memory),
-        fragmentation=args.fragmentation,
-        unmovable=args.unmovable,
-        unmovable_layout=args.unmovable_layout,
-        seed=args.seed,
-    )
+    big_sc = scenario(args.big_memory)
     print(f"\n{format_size(big_sc.memory)}: ", end="", flush=True)
     t0 = time.perf_counter()
     m = age(big_sc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 
 import numpy as np
@@ -22,6 +23,67 @@ PMD_SIZE = PAGE_SIZE * PMD_PAGES
 # VmFlags (proc(5)) that make MADV_COLLAPSE refuse a VMA: VM_NOHUGEPAGE, and the kernel's
 # VM_NO_KHUGEPAGED = VM_SPECIAL (io, de, pf, mm) | VM_HUGETLB (ht).
 _NO_COLLAPSE_FLAGS = frozenset({"nh", "ht", "pf", "io", "de", "mm"})
+
+
+# ---------------------------------------------------------------- names, in one place
+# StrEnum: each member is its own string, so comparisons, dict keys, JSON and Prometheus
+# label values are exactly today's strings. Declaration order is the order messages list.
+
+
+class Method(StrEnum):
+    """How contiguity is made, whichever backend makes it; `Backend.refusal` says which
+    ones a backend carries out."""
+
+    COLLAPSE = "collapse"  # MADV_COLLAPSE, or khugepaged's copy on the simulator
+    RANGER = "ranger"  # Translation Ranger, as in its RFC
+    RANGER_IMPROVED = "ranger-improved"  # simulator only: cost-chosen anchors
+    COMPACTION = "compaction"  # zone compaction
+
+
+class Mode(StrEnum):
+    """What the daemon does with a target's processes."""
+
+    ENFORCE = "enforce"  # measure and defragment
+    OBSERVE = "observe"  # measure and export, never move memory
+
+
+class BackendKind(StrEnum):
+    """The machine the daemon talks to."""
+
+    KERNEL = "kernel"
+    SIMULATED = "simulated"
+
+
+class AccessSource(StrEnum):
+    """Where region hotness comes from."""
+
+    AUTO = "auto"  # DAMON where usable, else REFERENCED
+    DAMON = "damon"
+    REFERENCED = "referenced"  # clear_refs + smaps Referenced
+    OFF = "off"
+
+
+class Untouched(StrEnum):
+    """What becomes of regions nobody touched in the last access window."""
+
+    SKIP = "skip"  # never collapsed
+    LAST = "last"  # queued after everything else
+
+
+class Heat(StrEnum):
+    """The hot/cold class of pending work, a label of the pending-work metrics."""
+
+    HOT = "hot"
+    COLD = "cold"
+    UNTOUCHED = "untouched"
+    UNKNOWN = "unknown"  # not measured yet
+
+
+class UnmovableLayout(StrEnum):
+    """How a simulated machine's unmovable kernel memory lies (backends/sim/aging.py)."""
+
+    SCATTERED = "scattered"  # a few pages in many pageblocks, as fallbacks leave them
+    CLUSTERED = "clustered"  # whole unmovable pageblocks
 
 
 class ProcessGone(Exception):
@@ -195,7 +257,7 @@ class Request:
     vma_start: int
     vma_end: int
     ranges: tuple[tuple[int, int], ...]
-    method: str = "collapse"
+    method: str = Method.COLLAPSE
     benefit: float = 0.0  # expected benefit per byte, as ranked by the scheduler
 
     @property

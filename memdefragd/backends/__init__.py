@@ -12,6 +12,16 @@ from .protocol import Backend
 
 if TYPE_CHECKING:
     from ..config import DaemonSettings
+    from .kernel.backend import KernelBackend
+    from .sim.backend import SimBackend
+
+    # The type checker's proof that both backends satisfy the protocol, optional
+    # capabilities included (never run: a mismatch is a mypy error here).
+    def _kernel(b: KernelBackend) -> Backend:
+        return b
+
+    def _simulated(b: SimBackend) -> Backend:
+        return b
 
 
 def open_backend(settings: DaemonSettings) -> Backend:

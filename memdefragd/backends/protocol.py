@@ -1,15 +1,28 @@
 """The backend protocol: what the daemon and the pipeline may ask of a machine.
 
 The daemon core and `report` speak only this protocol, so they run unchanged on the real
-kernel (backends/kernel/) or the simulator (backends/sim/).
+kernel (backends/kernel/) or the simulator (backends/sim/); backends/__init__.py has mypy
+prove that both satisfy it.
+
+Besides reading and changing memory, a machine may offer optional capabilities: process
+events (`process_events`), access sampling (`access_sampler`) and node compaction
+(`compactor`). Each backend provides or declines each one (None, with the reason in its
+docstring or in the sentence it returns). The module functions of the same names ask a
+backend that lacks the method altogether (a test's stand-in) as if it had declined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
 
 from ..model import Layout, MemoryState, Outcome, PfnVisibility, ProcessInfo, Request, Vma
+
+# A process event: ("exec"|"fork"|"comm"|"uid"|"exit", tgid), ("forked", (parent, child))
+# for a fork that made a process, or ("lost", reason) when events may have been missed.
+Event = tuple[str, Any]
 
 
 class Handle(Protocol):
@@ -22,6 +35,57 @@ class Handle(Protocol):
     def pid(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+class EventSource(Protocol):
+    """Process events as discovery consumes them."""
+
+    @property
+    def available(self) -> bool:
+        """Events are flowing (subscribed now); False means: list periodically instead."""
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Block up to `timeout` for at least one event, then return all queued ones."""
+
+
+class ProcessEvents(EventSource, Protocol):
+    """An event source a backend hands out: the daemon starts it once and stops it at exit."""
+
+    def start(self) -> bool:
+        """Subscribe; False (said once in the log) where events cannot flow here."""
+
+    def stop(self) -> bool:
+        """Stop delivering; True once everything behind the source has ended."""
+
+
+class AccessSampler(Protocol):
+    """How hot each collapsible region is (pipeline/plan/access.py turns samples into
+    hotness; a backend's sampler takes them)."""
+
+    name: str
+
+    def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
+        """The processes to measure from now on."""
+
+    def refresh(self) -> None:
+        """Once per scan cycle, before the scans: take fresh figures where that is due."""
+
+    def hotness(
+        self, proc: ProcessInfo, vmas: Sequence[tuple[Vma, np.ndarray]]
+    ) -> list[np.ndarray] | None:
+        """Per (VMA as just scanned, its region addresses): the regions' hotness; None
+        while the process has not been measured for a window yet."""
+
+    def close(self) -> None:
+        """Undo what the sampler set up (a kdamond, say)."""
+
+
+class Compaction(Protocol):
+    """Compaction of whole NUMA nodes, asked for when collapses find no free 2 MiB block."""
+
+    def maybe_compact(self, nodes: Iterable[int] | None = None) -> list[int]:
+        """Compact the nodes (all by default) not compacted within the interval the
+        compactor was made with; return those compacted."""
 
 
 class Backend(Protocol):
@@ -45,6 +109,11 @@ class Backend(Protocol):
         """(index into vmas, window) in virtual order: each VMA's layout in windows whose
         bounds are PMD-aligned, so that memory stays bounded however large the VMA.
         Raises ProcessGone or AccessDenied."""
+
+    def iter_ranges(self, proc: ProcessInfo, ranges: Sequence[tuple[int, int]]) -> Iterator[Layout]:
+        """Windows with present pages of arbitrary [start, end) byte ranges, PMD-aligned
+        as iter_layouts cuts them, in order: what a request touched, re-read to verify it
+        (pipeline/verify.py), VMA or not. Raises ProcessGone or AccessDenied."""
 
     def memory_state(self) -> MemoryState:
         """Free blocks, THP knobs and counters, pressure."""
@@ -75,8 +144,46 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release what the backend holds open."""
 
+    # -- optional capabilities: the module functions below answer for a backend without
+
+    def process_events(self) -> ProcessEvents | None:
+        """A source of this machine's process events (not started), or None when there is
+        none: then discovery lists processes periodically."""
+
+    def access_sampler(self, source: str) -> tuple[AccessSampler | None, str]:
+        """The sampler `daemon.access.source` asks for ("auto", "damon" or "referenced";
+        pipeline/plan/access.py handles "off"), or None, with a sentence for the log
+        saying which and why."""
+
+    def compactor(self, min_interval: float) -> Compaction | None:
+        """Node compaction at most once per node per `min_interval` seconds, or None
+        where the machine has none."""
+
 
 def privilege_problems(backend: Backend) -> list[str]:
     """The backend's privilege problems, [] if it has no such method (a stand-in)."""
     method = getattr(backend, "privilege_problems", None)
     return list(method()) if callable(method) else []
+
+
+def process_events(backend: Backend) -> ProcessEvents | None:
+    """The backend's process events, None if it has no such capability (a stand-in)."""
+    method = getattr(backend, "process_events", None)
+    events: ProcessEvents | None = method() if callable(method) else None
+    return events
+
+
+def access_sampler(backend: Backend, source: str) -> tuple[AccessSampler | None, str]:
+    """The backend's access sampler for `source`, declined for a backend without any."""
+    method = getattr(backend, "access_sampler", None)
+    if callable(method):
+        got: tuple[AccessSampler | None, str] = method(source)
+        return got
+    return None, f"access-aware priority off: the {backend.name} backend has no access bits"
+
+
+def compactor(backend: Backend, min_interval: float) -> Compaction | None:
+    """The backend's node compaction, None if it has no such capability (a stand-in)."""
+    method = getattr(backend, "compactor", None)
+    made: Compaction | None = method(min_interval) if callable(method) else None
+    return made

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..config import ConfigError, load_config
+from .common import Subparsers
 
 
-def set_argparser(sub: argparse._SubParsersAction) -> None:
+def set_argparser(sub: Subparsers) -> None:
     chk = sub.add_parser("check-config", help="validate a configuration file and exit")
     chk.add_argument("file", help="the YAML file to check")
     chk.set_defaults(func=main)

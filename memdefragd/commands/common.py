@@ -1,11 +1,25 @@
-"""What several commands share: argument types, and the options of a simulated machine."""
+"""What several commands share: argument types, the options of a simulated machine, and a
+progress bar."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO, TypeAlias
 
+from ..config import SimulatedSettings
+from ..config.kinds import Choice, Number, Records, Size
+from ..config.walk import Kind, read_text, settings_of
 from ..pipeline.targets import Regex, RegexError
 from ..units import parse_size
+
+# what cli.py hands each command's set_argparser() (a string: not generic at run time)
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+if TYPE_CHECKING:  # the simulator pulls in numpy: imported only where a command needs it
+    from ..backends.sim.aging import Scenario
 
 
 def size_arg(text: str) -> int:
@@ -32,51 +46,73 @@ def positive_arg(text: str) -> float:
     return value
 
 
-def fraction_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
-    return value
-
-
-def add_machine_args(p: argparse.ArgumentParser, memory: str, title: str) -> None:
-    """The aging scenario of a simulated machine (see backends/sim/aging.py)."""
+def add_machine_args(p: argparse.ArgumentParser, title: str, memory: int | None = None) -> None:
+    """One option per setting of the config's `daemon.simulated` (config/schema.py: the
+    same help, syntax, bounds and default), but its list of processes: a machine from the
+    command line runs the aging's default workload. `memory`: this command's default size,
+    where it is not the config's (`simulate` studies a bigger machine)."""
     g = p.add_argument_group(title)
-    g.add_argument(
-        "--memory", type=size_arg, default=None, metavar="SIZE",
-        help=f"physical memory of the simulated machine (default {memory})",
-    )  # fmt: skip
-    g.add_argument(
-        "--fragmentation", type=fraction_arg, default=0.7, metavar="F",
-        help="unusable free space index at order 9 to age it to (default 0.7)",
-    )  # fmt: skip
-    g.add_argument(
-        "--unmovable", type=fraction_arg, default=0.02, metavar="F",
-        help="fraction of frames held by the kernel, unmovable (default 0.02)",
-    )  # fmt: skip
-    g.add_argument(
-        "--unmovable-layout", choices=["scattered", "clustered"], default="scattered",
-        help="scattered: a few kernel pages in many pageblocks (default); clustered: "
-        "whole unmovable pageblocks",
-    )  # fmt: skip
-    g.add_argument(
-        "--free", type=fraction_arg, default=0.25, metavar="F",
-        help="fraction of memory left free after aging (default 0.25)",
-    )  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="aging seed (default 0)")
+    for s in settings_of(SimulatedSettings):
+        if isinstance(s.kind, Records):
+            continue
+        default = s.default
+        if s.name == "memory":  # None: not given (`report` refuses it without --simulated)
+            default = memory or s.default
+            p.set_defaults(machine_memory=default)
+        g.add_argument(
+            "--" + s.name.replace("_", "-"),
+            # A size is judged by the machine it builds (Scenario.validate), which says
+            # why one cannot be built; any other value out of bounds is a usage error here.
+            type=size_arg if isinstance(s.kind, Size) else _reader(s.kind),
+            choices=list(s.kind.enum) if isinstance(s.kind, Choice) else None,
+            default=None if s.name == "memory" else default,
+            metavar=_METAVARS.get(type(s.kind), "N") if not isinstance(s.kind, Choice) else None,
+            help=f"{s.help} (default {s.kind.show(default)})",
+        )
 
 
-def machine_scenario(args: argparse.Namespace, memory: int):  # -> backends.sim.aging.Scenario
+_METAVARS: dict[type, str] = {Size: "SIZE", Number: "F"}
+
+
+def _reader(kind: Kind) -> Callable[[str], object]:
+    """An argparse type: the text read as the config file would read it."""
+
+    def read(text: str) -> object:
+        try:
+            return read_text(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return read
+
+
+def machine_scenario(args: argparse.Namespace) -> Scenario:
+    """The machine the options of add_machine_args describe."""
     from ..backends.sim.aging import Scenario
 
-    return Scenario(
-        memory=args.memory if args.memory is not None else memory,
-        fragmentation=args.fragmentation,
-        unmovable=args.unmovable,
-        unmovable_layout=args.unmovable_layout,
-        free=args.free,
-        seed=args.seed,
-    )
+    values = {s.name: getattr(args, s.name, None) for s in settings_of(SimulatedSettings)}
+    if values["memory"] is None:
+        values["memory"] = args.machine_memory
+    return Scenario(**{name: value for name, value in values.items() if value is not None})
+
+
+def progress_bar(
+    stream: TextIO = sys.stderr, min_seconds: float = 0.0
+) -> Callable[[float, str], None]:
+    """``show(fraction, label)``: a one-line bar, redrawn in place, shown only on a terminal
+    (a pipe or a log gets nothing) and only once a run has lasted ``min_seconds`` (a quick
+    run stays quiet)."""
+    if not stream.isatty():
+        return lambda fraction, label: None
+    start = time.monotonic()
+
+    def show(fraction: float, label: str) -> None:
+        if time.monotonic() - start < min_seconds and fraction < 1.0:
+            return
+        bar = "#" * int(fraction * 30)
+        stream.write(f"\r[{bar:<30}] {fraction:4.0%} {label[:40]:<40}")
+        if fraction >= 1.0:
+            stream.write("\n")
+        stream.flush()
+
+    return show

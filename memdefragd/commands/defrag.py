@@ -13,19 +13,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TextIO
 
 import numpy as np
 
 from ..backends.kernel.backend import KernelBackend
 from ..backends.kernel.collapse import collapse
 from ..backends.kernel.procs import PidHandle
-from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, ProcessGone, ProcessInfo
+from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, Method, ProcessGone, ProcessInfo
 from ..pipeline.plan.scheduler import Candidate, Scheduler, SchedulerSettings
 from ..pipeline.scan import ProcessReport, scan_process
 from ..pipeline.score import Rollup
 from ..pipeline.targets import Target
 from ..units import format_size
+from .common import Subparsers, progress_bar
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,20 +103,15 @@ def defrag(
     )
 
 
-def progress_bar(stream: TextIO = sys.stderr) -> Callable[[int, int], None]:
-    """A one-line bar on a terminal; nothing when output is not a terminal."""
-    if not stream.isatty():
-        return lambda done, total: None
+def _bytes_bar() -> Callable[[int, int], None]:
+    """The progress bar, fed bytes done of bytes to do."""
+    show = progress_bar()
 
-    def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * 30)
-        stream.write(f"\r[{bar:<30}] {frac:4.0%} {format_size(done)} of {format_size(total)}")
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
+    def bytes_done(done: int, total: int) -> None:
+        label = f"{format_size(done)} of {format_size(total)}"
+        show(done / total if total else 1.0, label)
 
-    return show
+    return bytes_done
 
 
 def render(result: DefragResult) -> str:
@@ -168,7 +163,7 @@ def _cov(r: Rollup, k: int) -> str:
 # ---------------------------------------------------------------- command line
 
 
-def set_argparser(sub: argparse._SubParsersAction) -> None:
+def set_argparser(sub: Subparsers) -> None:
     dfr = sub.add_parser(
         "defrag",
         help="one pass over one process now: scan, collapse, verify, print before/after",
@@ -179,8 +174,8 @@ def set_argparser(sub: argparse._SubParsersAction) -> None:
     dfr.add_argument("--pid", type=int, required=True, help="the process")
     dfr.add_argument(
         "--method",
-        default="collapse",
-        choices=["collapse", "ranger"],
+        default=Method.COLLAPSE.value,
+        choices=[Method.COLLAPSE.value, Method.RANGER.value],
         help="collapse: process_madvise(MADV_COLLAPSE) (default); ranger: "
         "Translation Ranger, only on a kernel patched with it",
     )
@@ -193,7 +188,7 @@ def set_argparser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..daemon.loop import ranger_refusal
+    from ..backends.kernel.ranger import ranger_refusal
 
     if args.method == "ranger":
         print(f"memdefragd: {ranger_refusal(None)}", file=sys.stderr)
@@ -206,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     backend = KernelBackend()
     try:
         proc = backend.process(args.pid)
-        result = defrag(backend, proc, span=span, progress=progress_bar())
+        result = defrag(backend, proc, span=span, progress=_bytes_bar())
     except (ProcessGone, AccessDenied) as e:
         print(f"memdefragd: {e}", file=sys.stderr)
         return 1

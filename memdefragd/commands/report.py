@@ -22,7 +22,15 @@ from ..pipeline.scan import ProcessReport, Report, Skipped, build_report
 from ..pipeline.score import Rollup, VmaMetrics, free_pages, unusable_index
 from ..pipeline.targets import Matcher, Target, select
 from ..units import format_size
-from .common import add_machine_args, machine_scenario, positive_arg, regex_arg, size_arg
+from .common import (
+    Subparsers,
+    add_machine_args,
+    machine_scenario,
+    positive_arg,
+    progress_bar,
+    regex_arg,
+    size_arg,
+)
 
 SCHEMA = "memdefragd.report/1"
 
@@ -34,7 +42,7 @@ contiguity columns are blank.
 """
 
 
-def set_argparser(sub: argparse._SubParsersAction) -> None:
+def set_argparser(sub: Subparsers) -> None:
     rep = sub.add_parser(
         "report",
         help="per-VMA fragmentation report (THP coverage, collapsible regions, contiguity)",
@@ -108,7 +116,7 @@ def set_argparser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="report on a simulated machine aged as the options below say, not on this kernel",
     )
-    add_machine_args(rep, "1G", "simulated machine (with --simulated)")
+    add_machine_args(rep, "simulated machine (with --simulated)")
     rep.set_defaults(func=main)
 
 
@@ -162,10 +170,9 @@ def _report_backend(args: argparse.Namespace) -> tuple[Backend, str]:
         return KernelBackend(), ""
     from ..backends.sim.aging import age
     from ..backends.sim.backend import SimBackend
-    from .simulate import progress_bar
 
-    scenario = machine_scenario(args, 1 << 30)
-    machine = age(scenario, progress_bar())
+    scenario = machine_scenario(args)
+    machine = age(scenario, progress_bar(min_seconds=1.0))
     name = (
         f"simulated ({format_size(scenario.memory)}, fragmentation {scenario.fragmentation}, "
         f"{scenario.unmovable:.1%} {scenario.unmovable_layout} unmovable, seed {scenario.seed})"
@@ -208,7 +215,9 @@ def to_json(report: Report) -> dict[str, object]:
     }
 
 
-def _metrics_json(m: VmaMetrics | Rollup, ks: Sequence[int], ps: Sequence[float]) -> dict:
+def _metrics_json(
+    m: VmaMetrics | Rollup, ks: Sequence[int], ps: Sequence[float]
+) -> dict[str, object]:
     c = m.contiguity
     return {
         "present_bytes": m.present_pages * PAGE_SIZE,
@@ -230,7 +239,7 @@ def _metrics_json(m: VmaMetrics | Rollup, ks: Sequence[int], ps: Sequence[float]
     }
 
 
-def _process_json(p: ProcessReport, report: Report) -> dict:
+def _process_json(p: ProcessReport, report: Report) -> dict[str, object]:
     return {
         "pid": p.proc.pid,
         "comm": p.proc.comm,
@@ -260,7 +269,7 @@ def _process_json(p: ProcessReport, report: Report) -> dict:
     }
 
 
-def _system_json(s: MemoryState) -> dict:
+def _system_json(s: MemoryState) -> dict[str, object]:
     return {
         "zones": [
             {

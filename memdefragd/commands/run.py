@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..config import DEFAULT_PATH, ConfigError, load_config
+from .common import Subparsers
 
 
-def set_argparser(sub: argparse._SubParsersAction) -> None:
+def set_argparser(sub: Subparsers) -> None:
     run = sub.add_parser(
         "run",
         help="run the daemon: watch the configured targets and collapse their memory",

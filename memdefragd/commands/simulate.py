@@ -15,23 +15,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
 
 import numpy as np
 
 from ..backends.sim import baselines
-from ..backends.sim.aging import Scenario, age
+from ..backends.sim.aging import BIG_MACHINE, Scenario, age
 from ..backends.sim.backend import SimBackend
 from ..backends.sim.machine import Machine
 from ..backends.sim.ranger import defrag
-from ..model import PAGE_SIZE
+from ..model import PAGE_SIZE, Method
 from ..pipeline.scan import scan_process
 from ..pipeline.score import Rollup, free_pages, rollup, unusable_index
 from ..units import format_size
-from .common import add_machine_args, machine_scenario
+from .common import Subparsers, add_machine_args, machine_scenario, progress_bar
 
 SCHEMA = "memdefragd.simulate/1"
-METHODS = ("none", "compaction", "collapse", "ranger", "ranger-improved")
+# The table's rows: nothing, then each method by how much it sets out to move.
+METHODS = ("none", Method.COMPACTION, Method.COLLAPSE, Method.RANGER, Method.RANGER_IMPROVED)
 KS = (32, 128)
 PS = (0.9, 0.99)
 
@@ -113,7 +113,7 @@ def apply(machine: Machine, method: str, progress: Progress | None = None) -> Wo
     if method == "compaction":
         say(0.0, "compaction")
         _merge(failures, baselines.compact(machine).failures)
-    elif method in ("collapse", "ranger", "ranger-improved"):
+    elif method in (Method.COLLAPSE, Method.RANGER, Method.RANGER_IMPROVED):
         total = sum(p.rss_pages for p in machine.processes.values()) or 1
         done = 0
         for pid, proc in list(machine.processes.items()):
@@ -169,27 +169,6 @@ def simulate(
     if keep is not None:
         keep("after", machine)
     return SimResult(scenario, method, before, after, work, aging)
-
-
-# ---------------------------------------------------------------- progress
-
-
-def progress_bar(stream: TextIO = sys.stderr, min_seconds: float = 1.0) -> Progress:
-    """A one-line bar on a terminal, shown once a run has lasted `min_seconds`."""
-    if not stream.isatty():
-        return lambda fraction, stage: None
-    start = time.monotonic()
-
-    def show(fraction: float, stage: str) -> None:
-        if time.monotonic() - start < min_seconds and fraction < 1.0:
-            return
-        bar = "#" * int(fraction * 30)
-        stream.write(f"\r[{bar:<30}] {fraction:4.0%} {stage[:40]:<40}")
-        if fraction >= 1.0:
-            stream.write("\n")
-        stream.flush()
-
-    return show
 
 
 # ---------------------------------------------------------------- output
@@ -329,7 +308,7 @@ __all__ = [
 # ---------------------------------------------------------------- command line
 
 
-def set_argparser(sub: argparse._SubParsersAction) -> None:
+def set_argparser(sub: Subparsers) -> None:
     sim = sub.add_parser(
         "simulate",
         help="age a simulated machine, run one method on it, print before and after",
@@ -344,11 +323,11 @@ def set_argparser(sub: argparse._SubParsersAction) -> None:
         "ranger-improved (obstacle-aware anchors, one range tree for all processes).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_machine_args(sim, "16G", "simulated machine")
+    add_machine_args(sim, "simulated machine", memory=BIG_MACHINE)
     sim.add_argument(
         "--method",
         default="ranger",
-        choices=["none", "compaction", "collapse", "ranger", "ranger-improved"],
+        choices=[str(m) for m in METHODS],
         help="what to run on it (default ranger)",
     )
     sim.add_argument("--json", action="store_true", help="print JSON (memdefragd.simulate/1)")
@@ -361,7 +340,7 @@ def set_argparser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
 
     try:
-        scenario = machine_scenario(args, 16 << 30)
+        scenario = machine_scenario(args)
         scenario.validate()
     except ValueError as e:
         print(f"memdefragd: {e}", file=sys.stderr)
@@ -372,7 +351,7 @@ def main(args: argparse.Namespace) -> int:
 
         shots = Snapshots()
     try:
-        result = simulate(scenario, args.method, progress=progress_bar(), keep=shots)
+        result = simulate(scenario, args.method, progress=progress_bar(min_seconds=1.0), keep=shots)
     except ValueError as e:  # a machine too small to build, a workload that cannot fit
         print(f"memdefragd: {e}", file=sys.stderr)
         return 2

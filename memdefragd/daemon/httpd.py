@@ -295,7 +295,7 @@ class HttpServer:
         # The aborted transports close their sockets in callbacks already queued: stop after.
         self.loop.call_soon(self.loop.stop)
 
-    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         # Such as accept() failing with EMFILE (asyncio then pauses accepting for a second).
         from .logs import once as log_once
 

@@ -10,34 +10,16 @@
     matters: without journald that handler drops every message silently.
 ``"stderr-prefixed"``
     stderr goes to journald but systemd-python is missing: one line per record,
-    ``<N>message key=value ...``, where ``<N>`` is the sd-daemon(3) syslog priority (``<3>``
+    ``<N>message``, where ``<N>`` is the sd-daemon(3) syslog priority (``<3>``
     error, ``<4>`` warning, ``<6>`` info, ``<7>`` debug, ``<2>`` critical) that journald
     turns into PRIORITY=. Journald adds the time and identifier itself. Continuation lines
     (tracebacks) carry the same prefix, so they keep the record's priority.
 ``"stderr"``
     anything else (a terminal, Docker, a pipe):
-    ``2026-11-25 18:00:00 memdefragd[PID] WARNING message key=value ...``.
+    ``2026-11-25 18:00:00 memdefragd[PID] WARNING message``.
 
 The logger does not propagate to the root logger, so a root handler installed by a library
 or ``basicConfig`` cannot print each line twice.
-
-Structured fields
------------------
-Attach fields to a record with ``extra={"fields": {...}}``, or bind them once with
-``FieldsAdapter``::
-
-    log.warning("smaps read failed", extra={"fields": {"pid": 42, "errno": "EACCES"}})
-    tlog = FieldsAdapter(log, {"target": "postgres", "pid": 42})
-    tlog.info("collapsed", extra={"fields": {"bytes": 2097152}})   # both sets, call wins
-
-* The journal handler sends each field as a journal field named in upper case (``PID=42``,
-  ``TARGET=postgres``; query with ``journalctl -o verbose`` or ``journalctl TARGET=postgres``).
-  Characters other than ``A-Z 0-9 _`` become ``_``; a name that would start with a digit or
-  ``_``, or that the handler sets itself (MESSAGE, PRIORITY, CODE_FILE, ...), gets a
-  ``FIELD_`` prefix so it cannot clash with trusted or standard fields.
-* The stream handlers append `` key=value`` after the message, names in lower case, in the
-  order given. Values with spaces, quotes, ``=`` or control characters, and empty values,
-  are double-quoted with JSON escapes: ``comm="kworker/0:1 x"``.
 
 Logged once
 -----------
@@ -49,27 +31,15 @@ keys are forgotten past ``ONCE_MAX_KEYS``, so a forgotten key may be logged agai
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, MutableMapping
+from collections.abc import Hashable, Mapping
 from typing import IO, Any
 
-__all__ = [
-    "LOGGER_NAME",
-    "ONCE_MAX_KEYS",
-    "FieldsAdapter",
-    "OnceMemory",
-    "journal_field_name",
-    "once",
-    "render_fields",
-    "setup_logging",
-    "syslog_priority",
-]
+__all__ = ["LOGGER_NAME", "ONCE_MAX_KEYS", "OnceMemory", "once", "setup_logging"]
 
 LOGGER_NAME = "memdefragd"
 SYSLOG_IDENTIFIER = "memdefragd"
@@ -86,30 +56,8 @@ LEVELS: Mapping[str, int] = {
 # Marks the handler setup_logging installed, so a second call replaces it instead of adding.
 _OURS = "_memdefragd_handler"
 
-# Arguments JournalHandler.emit passes to journal.send itself: a field of the same name would
-# be a duplicate keyword (TypeError) or silently replace the real value.
-_JOURNAL_RESERVED = frozenset(
-    {
-        "MESSAGE",
-        "PRIORITY",
-        "LOGGER",
-        "THREAD_NAME",
-        "PROCESS_NAME",
-        "CODE_FILE",
-        "CODE_LINE",
-        "CODE_FUNC",
-        "CODE_ARGS",
-        "EXCEPTION_TEXT",
-        "EXCEPTION_INFO",
-        "SYSLOG_IDENTIFIER",
-    }
-)
-_JOURNAL_NAME_MAX = 64
-_NON_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[\x00-\x1f\x7f]')
 
-
-def syslog_priority(levelno: int) -> int:
+def _syslog_priority(levelno: int) -> int:
     """The syslog priority of a logging level, with JournalHandler.map_priority's mapping."""
     if levelno <= logging.DEBUG:
         return 7
@@ -124,41 +72,7 @@ def syslog_priority(levelno: int) -> int:
     return 1
 
 
-def journal_field_name(name: str) -> str:
-    """A valid, non-clashing journal field name for a structured field name."""
-    key = _NON_FIELD_CHARS.sub("_", str(name).upper())
-    if not key or key[0] == "_" or key[0].isdigit() or key in _JOURNAL_RESERVED:
-        key = "FIELD_" + key
-    return key[:_JOURNAL_NAME_MAX]
-
-
-def _render_value(value: object) -> str:
-    text = str(value)
-    if text == "" or _NEEDS_QUOTES.search(text):
-        return json.dumps(text, ensure_ascii=False)
-    return text
-
-
-def render_fields(fields: Mapping[str, object] | None) -> str:
-    """``" key=value key2=value2"`` for the stream handlers ("" when there are none)."""
-    if not fields:
-        return ""
-    return "".join(f" {str(k).lower()}={_render_value(v)}" for k, v in fields.items())
-
-
-def _record_fields(record: logging.LogRecord) -> Mapping[str, object] | None:
-    fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, Mapping) else None
-
-
-class _FieldsFormatter(logging.Formatter):
-    """Appends the record's fields to the message, before any traceback."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record) + render_fields(_record_fields(record))
-
-
-class _PrefixedFormatter(_FieldsFormatter):
+class _PrefixedFormatter(logging.Formatter):
     """``<N>`` sd-daemon priority prefix on every line of the formatted record."""
 
     def __init__(self) -> None:
@@ -166,38 +80,27 @@ class _PrefixedFormatter(_FieldsFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        prefix = f"<{syslog_priority(record.levelno)}>"
+        prefix = f"<{_syslog_priority(record.levelno)}>"
         return "\n".join(prefix + line for line in text.split("\n"))
 
 
 def _plain_formatter() -> logging.Formatter:
-    return _FieldsFormatter(
+    return logging.Formatter(
         f"%(asctime)s {SYSLOG_IDENTIFIER}[%(process)d] %(levelname)s %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
 
 
 def _journal_handler() -> logging.Handler | None:
-    """A JournalHandler that sends ``fields`` as journal fields; None without systemd-python."""
+    """systemd-python's JournalHandler, or None without it."""
     try:
         from systemd.journal import JournalHandler
     except ImportError:
         # Missing, or the unrelated PyPI "systemd" package, which has no systemd.journal
         # JournalHandler: depend on "systemd-python" by that name.
         return None
-
-    class _FieldsJournalHandler(JournalHandler):
-        def emit(self, record: logging.LogRecord) -> None:
-            # JournalHandler sends every record attribute; replace "fields" (a dict) by one
-            # upper-case attribute per field, on a copy: other handlers share the record.
-            fields = _record_fields(record)
-            if fields is not None:
-                attrs = {k: v for k, v in record.__dict__.items() if k != "fields"}
-                attrs.update({journal_field_name(k): v for k, v in fields.items()})
-                record = logging.makeLogRecord(attrs)
-            super().emit(record)
-
-    return _FieldsJournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    return handler
 
 
 def _stream_is_journal(stream: IO[str], environ: Mapping[str, str]) -> bool:
@@ -262,30 +165,6 @@ def setup_logging(
     return kind
 
 
-class FieldsAdapter(logging.LoggerAdapter):
-    """A logger with bound structured fields; per-call ``extra={"fields": ...}`` adds to them."""
-
-    def __init__(self, logger: logging.Logger, fields: Mapping[str, object] | None = None):
-        super().__init__(logger, {"fields": dict(fields or {})})
-
-    @property
-    def fields(self) -> dict[str, object]:
-        return self.extra["fields"]  # type: ignore[index]
-
-    def bind(self, **fields: object) -> FieldsAdapter:
-        """A new adapter with these fields added."""
-        return FieldsAdapter(self.logger, {**self.fields, **fields})
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        extra = dict(kwargs.get("extra") or {})
-        call_fields = extra.get("fields") or {}
-        extra["fields"] = {**self.fields, **call_fields}
-        kwargs["extra"] = extra
-        return msg, kwargs
-
-
 class OnceMemory:
     """Remembers which keys were logged, at most ``max_keys`` of them (least recent dropped)."""
 
@@ -310,13 +189,9 @@ class OnceMemory:
                 self._seen.popitem(last=False)
             return True
 
-    def clear(self) -> None:
-        with self._lock:
-            self._seen.clear()
-
     def log(
         self,
-        logger: logging.Logger | logging.LoggerAdapter,
+        logger: logging.Logger,
         key: Hashable,
         level: int,
         msg: str,
@@ -329,8 +204,7 @@ class OnceMemory:
         """
         if not logger.isEnabledFor(level):
             return False
-        name = logger.logger.name if isinstance(logger, logging.LoggerAdapter) else logger.name
-        if not self.first((name, key)):
+        if not self.first((logger.name, key)):
             return False
         kwargs.setdefault("stacklevel", 2)
         logger.log(level, msg, *args, **kwargs)
@@ -341,7 +215,7 @@ _ONCE = OnceMemory()
 
 
 def once(
-    logger: logging.Logger | logging.LoggerAdapter,
+    logger: logging.Logger,
     key: Hashable,
     level: int,
     msg: str,

@@ -1,9 +1,14 @@
 """Prometheus exposition of what the daemon saw and did.
 
-The daemon publishes an immutable `Snapshot` at safe points (after each scan cycle and
-each request); scrapes read the latest one, so a scrape never triggers work or sees a
-half-updated state. Each family comes from one collector function; a collector that fails
-is reported through `memdefragd_collector_success{collector}` instead of failing the scrape.
+Events are counted where they happen, on prometheus_client's own `Counter`, `Histogram`
+and `Gauge` objects, which `Metrics` holds for one daemon on its own registry (two daemons
+in one process, as in tests, never share a count). What only a scan can tell (per-target
+coverage and contiguity, the queue, free memory, why work is paused) is computed from an
+immutable `Snapshot` the daemon publishes at safe points (after each scan cycle and each
+request), so a scrape never triggers work or sees a half-made plan.
+
+The families come in groups (GROUPS); a group that fails is reported through
+`memdefragd_collector_success{collector}` instead of failing the scrape.
 
 Labels are bounded: target names from the config, methods, errno names, node/zone/order
 as node_exporter spells them. No pid labels.
@@ -11,6 +16,7 @@ as node_exporter spells them. No pid labels.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import time
@@ -18,19 +24,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from prometheus_client import ProcessCollector
-from prometheus_client.core import (
-    CollectorRegistry,
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..model import PAGE_SIZE, PMD_SIZE, MemoryState
+from ..model import PAGE_SIZE, PMD_SIZE, Heat, MemoryState, Outcome
+from ..pipeline.plan.scheduler import SchedulerState
 from ..pipeline.score import Rollup, VmaMetrics, rollup, unusable_index
 from . import httpd
 
@@ -39,41 +41,15 @@ log = logging.getLogger("memdefragd")
 NS = "memdefragd"
 KS = (32, 128)
 
-
-@dataclass
-class Histogram:
-    """Fixed buckets, cumulative on output; seconds."""
-
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, acc = [], 0
-        for b, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            acc += n
-            out.append(("+Inf" if b == float("inf") else repr(b), acc))
-        return out
-
-    def copy(self) -> Histogram:
-        return Histogram(self.buckets, list(self.counts), self.total)
-
-
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCAN_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 PACING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 RESTORE_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 # A rescan reads every process (about 70 us each): ms for a few hundred, 0.3 s for 4,000.
 DISCOVERY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-HEATS = ("hot", "cold", "untouched", "unknown")  # as scheduler.HEATS
+HEATS = tuple(Heat)
+# The groups a scrape is made of, in its order; each is reported by collector_success.
+GROUPS = ("targets", "work", "state", "system", "persistence", "discovery")
 
 
 @dataclass(frozen=True)
@@ -84,25 +60,9 @@ class TargetFigures:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything a scrape shows, copied out of the daemon at one instant."""
+    """The gauges only a scan (and the plan made from it) can tell, at one instant."""
 
-    time: float
-    config_sha256: str
     targets: Mapping[str, TargetFigures]
-    requests: Mapping[tuple[str, str, str], int]  # (target, method, result)
-    bytes_attempted: Mapping[tuple[str, str], int]  # (target, method)
-    bytes_done: Mapping[tuple[str, str], int]
-    bytes_verified: Mapping[tuple[str, str], int]
-    failures: Mapping[tuple[str, str, str], int]  # (target, method, reason)
-    races: Mapping[str, int]
-    errors: Mapping[str, int]
-    reloads: Mapping[str, int]
-    request_seconds: Mapping[str, Histogram]
-    scan_seconds: Histogram
-    pages_scanned: int
-    scans: int
-    last_cycle: float
-    scan_interval: float
     paused: str | None
     pressure_some_avg10: float | None
     budget_tokens: float
@@ -110,18 +70,34 @@ class Snapshot:
     cpu_limit: float
     queue_bytes: int
     memory: MemoryState | None
-    # Gentle and persistent (issue 7), by target unless said otherwise.
+    # Gentle and persistent (issue 7), by target.
     pending: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, heat)
     untouched: Mapping[str, int] = field(default_factory=dict)  # held back, nobody touched
-    forks: Mapping[str, int] = field(default_factory=dict)
-    regressions: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, cause)
-    recollapsed: Mapping[str, int] = field(default_factory=dict)  # bytes
-    fork_restore: Mapping[str, Histogram] = field(default_factory=dict)
-    pacing: Mapping[str, Histogram] = field(default_factory=dict)
-    # Discovery (issue 11): what listing and matching every process costs, and finds.
-    discovery_seconds: Histogram = field(default_factory=lambda: Histogram(DISCOVERY_BUCKETS))
-    discovery_listed: int = 0  # processes the last complete listing read
-    discovery_tracked: int = 0  # processes the targets claim now
+
+    @classmethod
+    def of(
+        cls,
+        processes: Iterable[tuple[str, Sequence[VmaMetrics]]],
+        plan: SchedulerState,
+        memory: MemoryState | None,
+        paused: str | None,
+    ) -> Snapshot:
+        """From the last scans (target name and VMA metrics, per process), the plan's
+        state and the last reading of memory."""
+        return cls(
+            targets=target_figures(processes),
+            paused=paused,
+            pressure_some_avg10=(
+                memory.pressure_some.avg10 if memory and memory.pressure_some else None
+            ),
+            budget_tokens=plan.tokens,
+            cpu_used=plan.cpu_used,
+            cpu_limit=plan.cpu_limit,
+            queue_bytes=plan.queue_bytes,
+            memory=memory,
+            pending=dict(plan.pending),
+            untouched=dict(plan.untouched),
+        )
 
 
 def target_figures(
@@ -152,7 +128,162 @@ def pause_reason_label(reason: str | None) -> str:
     return "other"
 
 
-# ---------------------------------------------------------------- collectors
+# ---------------------------------------------------------------- events
+
+
+class Metrics:
+    """One daemon's metrics: what it counts as things happen, and its registry, which
+    also serves the gauges of the latest snapshot (`source`) and the process's own cost
+    (process_cpu_seconds_total, resident memory)."""
+
+    def __init__(self, source: Callable[[], Snapshot | None] = lambda: None):
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"{NS}_{name}", doc, labels, registry=None)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
+            return Histogram(f"{NS}_{name}", doc, labels, registry=None, buckets=buckets)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(f"{NS}_{name}", doc, labels, registry=None)
+
+        # Work, by (target, method[, result or reason]): an alert can name the target that fails.
+        self.requests = counter(
+            "requests", "Defrag requests carried out, by target, method and result.",
+            "target", "method", "result",
+        )  # fmt: skip
+        self.attempted = counter(
+            "attempted_bytes", "Bytes of regions sent to the backend.", "target", "method"
+        )
+        self.done = counter(
+            "done_bytes", "Bytes the backend reported defragmented.", "target", "method"
+        )
+        self.verified = counter(
+            "verified_bytes", "Bytes found huge by re-reading after a request.", "target", "method"
+        )
+        self.failures = counter(
+            "failures",
+            "2 MiB regions that failed, by target, method and reason (errno name, or "
+            "Translation Ranger's failure category).",
+            "target", "method", "reason",
+        )  # fmt: skip
+        self.request_seconds = histogram(
+            "request_duration_seconds", "Time in the kernel per request.", REQUEST_BUCKETS,
+            "method",
+        )  # fmt: skip
+        self.scan_seconds = histogram(
+            "scan_duration_seconds", "Time to scan one process.", SCAN_BUCKETS
+        )
+        self.scanned_pages = counter("scanned_pages", "Present pages scanned.")
+        self.races = counter(
+            "races", "Processes that exited or refused access mid-work, by kind.", "kind"
+        )
+        self.errors = counter(
+            "errors", "Unexpected errors the daemon carried on after, by type.", "kind"
+        )
+        # The daemon itself.
+        self.reloads = counter("config_reloads", "Config reloads, by result.", "result")
+        for result in ("ok", "failed"):  # both always there
+            self.reloads.labels(result)
+        self.config_info = gauge("config_info", "The loaded config.", "sha256")
+        self.build_info = gauge("build_info", "memdefragd's version.", "version")
+        self.build_info.labels(__version__).set(1)
+        self.scan_interval = gauge(
+            "scan_interval_seconds", "The configured time between full scan cycles."
+        )
+        self.last_cycle = gauge(
+            "last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle."
+        )
+        # Gentle and persistent, by target: forks seen, regressions (cause: fork or drop),
+        # bytes made huge again, fork child exit -> coverage restored, rests between requests.
+        self.forks = counter(
+            "forks", "Forks of tracked processes (their huge pages may split by copy-on-write).",
+            "target",
+        )  # fmt: skip
+        self.regressions = counter(
+            "regressions",
+            "Times huge regions of a process were found split again, by cause (fork: after a "
+            "fork child exited; drop: coverage fell otherwise).",
+            "target", "cause",
+        )  # fmt: skip
+        self.recollapsed = counter(
+            "recollapsed_bytes", "Bytes made huge again after they had been split.", "target"
+        )
+        self.fork_restore = histogram(
+            "fork_restore_seconds",
+            "From a fork child's exit to its parent's THP coverage being restored.",
+            RESTORE_BUCKETS, "target",
+        )  # fmt: skip
+        self.pacing = histogram(
+            "pacing_delay_seconds",
+            "Rest imposed on a latency-sensitive target after each request.",
+            PACING_BUCKETS, "target",
+        )  # fmt: skip
+        # Discovery (issue 11): what listing and matching every process costs, and finds.
+        self.discovery_seconds = histogram(
+            "discovery_duration_seconds",
+            "Time to list every process and match it against the targets (one rescan).",
+            DISCOVERY_BUCKETS,
+        )
+        self.listed = gauge(
+            "discovery_listed_processes", "Processes the last complete rescan read."
+        )
+        self.tracked = gauge("discovery_tracked_processes", "Processes the targets claim now.")
+        self._counted_races: dict[str, int] = {}
+        self._sha256: str | None = None
+
+        live: dict[str, tuple[MetricWrapperBase, ...]] = {
+            "work": (
+                self.requests, self.attempted, self.done, self.verified, self.failures,
+                self.request_seconds, self.scan_seconds, self.scanned_pages, self.races,
+                self.errors,
+            ),
+            "state": (
+                self.reloads, self.config_info, self.build_info, self.scan_interval,
+                self.last_cycle,
+            ),
+            "persistence": (
+                self.forks, self.regressions, self.recollapsed, self.fork_restore, self.pacing,
+            ),
+            "discovery": (self.discovery_seconds, self.listed, self.tracked),
+        }  # fmt: skip
+        self.registry = CollectorRegistry()
+        self.registry.register(GroupCollector(source, live))
+        ProcessCollector(registry=self.registry)
+
+    def record(self, outcome: Outcome, verified: int) -> None:
+        """A request carried out, and the bytes its verification found huge."""
+        target, method = outcome.request.target, outcome.request.method
+        result = outcome.stopped or ("ok" if not outcome.failures else "partial")
+        self.requests.labels(target, method, result).inc()
+        self.attempted.labels(target, method).inc(outcome.bytes_attempted)
+        self.done.labels(target, method).inc(outcome.bytes_done)
+        self.verified.labels(target, method).inc(verified)
+        for reason, n in outcome.failures.items():
+            self.failures.labels(target, method, reason).inc(n)
+        self.request_seconds.labels(method).observe(outcome.duration)
+
+    def configured(self, sha256: str, scan_interval: float) -> None:
+        """The config in force (at start and after each reload)."""
+        old, self._sha256 = self._sha256, sha256
+        self.config_info.labels(sha256).set(1)
+        if old is not None and old != sha256:  # after the new one: never a scrape without
+            self.config_info.remove(old)
+        self.scan_interval.set(scan_interval)
+
+    def count_races(self, counts: Mapping[str, int]) -> None:
+        """Races another part counts itself (discovery's, totals so far by kind): the
+        counter grows by what is new since the last call."""
+        for kind, n in counts.items():
+            self.races.labels(kind).inc(n - self._counted_races.get(kind, 0))
+            self._counted_races[kind] = n
+
+
+def total(metric: Counter) -> float:
+    """A counter's value summed over its labels (what the status line shows)."""
+    return sum(s.value for f in metric.collect() for s in f.samples if s.name.endswith("_total"))
+
+
+# ---------------------------------------------------------------- gauges from scans
 
 
 def _targets(s: Snapshot) -> Iterator[Metric]:
@@ -185,54 +316,6 @@ def _targets(s: Snapshot) -> Iterator[Metric]:
     yield from (procs, present, thp, cov, coll, runs, covk)
 
 
-def _work(s: Snapshot) -> Iterator[Metric]:
-    req = CounterMetricFamily(
-        f"{NS}_requests", "Defrag requests carried out, by target, method and result.",
-        labels=["target", "method", "result"],
-    )  # fmt: skip
-    for key, n in sorted(s.requests.items()):
-        req.add_metric(list(key), n)
-    yield req
-    for name, data, doc in (
-        ("attempted_bytes", s.bytes_attempted, "Bytes of regions sent to the backend."),
-        ("done_bytes", s.bytes_done, "Bytes the backend reported defragmented."),
-        ("verified_bytes", s.bytes_verified, "Bytes found huge by re-reading after a request."),
-    ):
-        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["target", "method"])
-        for key, n in sorted(data.items()):
-            c.add_metric(list(key), n)
-        yield c
-    fail = CounterMetricFamily(
-        f"{NS}_failures",
-        "2 MiB regions that failed, by target, method and reason (errno name, or "
-        "Translation Ranger's failure category).",
-        labels=["target", "method", "reason"],
-    )
-    for key, n in sorted(s.failures.items()):
-        fail.add_metric(list(key), n)
-    yield fail
-    dur = HistogramMetricFamily(
-        f"{NS}_request_duration_seconds", "Time in the kernel per request.", labels=["method"]
-    )
-    for method, h in sorted(s.request_seconds.items()):
-        dur.add_metric([method], h.cumulative(), h.total)
-    yield dur
-    scan = HistogramMetricFamily(f"{NS}_scan_duration_seconds", "Time to scan one process.")
-    scan.add_metric([], s.scan_seconds.cumulative(), s.scan_seconds.total)
-    yield scan
-    yield CounterMetricFamily(
-        f"{NS}_scanned_pages", "Present pages scanned.", value=s.pages_scanned
-    )
-    for name, data, doc in (
-        ("races", s.races, "Processes that exited or refused access mid-work, by kind."),
-        ("errors", s.errors, "Unexpected errors the daemon carried on after, by type."),
-    ):
-        c = CounterMetricFamily(f"{NS}_{name}", doc, labels=["kind"])
-        for kind, n in sorted(data.items()):
-            c.add_metric([kind], n)
-        yield c
-
-
 def _state(s: Snapshot) -> Iterator[Metric]:
     paused = GaugeMetricFamily(
         f"{NS}_paused", "1 for the kind of reason work is paused for, else 0.", labels=["reason"]
@@ -258,26 +341,6 @@ def _state(s: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         f"{NS}_queued_bytes", "Bytes planned and not yet done.", value=s.queue_bytes
     )
-    rel = CounterMetricFamily(
-        f"{NS}_config_reloads", "Config reloads, by result.", labels=["result"]
-    )
-    for result in ("ok", "failed"):
-        rel.add_metric([result], s.reloads.get(result, 0))
-    yield rel
-    info = GaugeMetricFamily(f"{NS}_config_info", "The loaded config.", labels=["sha256"])
-    info.add_metric([s.config_sha256], 1)
-    yield info
-    build = GaugeMetricFamily(f"{NS}_build_info", "memdefragd's version.", labels=["version"])
-    build.add_metric([__version__], 1)
-    yield build
-    yield GaugeMetricFamily(
-        f"{NS}_scan_interval_seconds", "The configured time between full scan cycles.",
-        value=s.scan_interval,
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        f"{NS}_last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle.",
-        value=s.last_cycle,
-    )  # fmt: skip
 
 
 def _system(s: Snapshot) -> Iterator[Metric]:
@@ -302,7 +365,7 @@ def _system(s: Snapshot) -> Iterator[Metric]:
 
 
 def _persistence(s: Snapshot) -> Iterator[Metric]:
-    """Pacing, access-aware priority and re-collapse after forks and regressions."""
+    """Work not done yet, by how hot its regions are."""
     pend = GaugeMetricFamily(
         f"{NS}_pending_bytes",
         "Bytes planned and not yet done, by how hot their regions are (hot: at least half "
@@ -316,74 +379,37 @@ def _persistence(s: Snapshot) -> Iterator[Metric]:
             n = s.pending.get((t, heat), 0) + (s.untouched.get(t, 0) if heat == "untouched" else 0)
             pend.add_metric([t, heat], n)
     yield pend
-    forks = CounterMetricFamily(
-        f"{NS}_forks", "Forks of tracked processes (their huge pages may split by copy-on-write).",
-        labels=["target"],
-    )  # fmt: skip
-    for t, n in sorted(s.forks.items()):
-        forks.add_metric([t], n)
-    yield forks
-    reg = CounterMetricFamily(
-        f"{NS}_regressions",
-        "Times huge regions of a process were found split again, by cause (fork: after a "
-        "fork child exited; drop: coverage fell otherwise).",
-        labels=["target", "cause"],
-    )
-    for (t, cause), n in sorted(s.regressions.items()):
-        reg.add_metric([t, cause], n)
-    yield reg
-    rec = CounterMetricFamily(
-        f"{NS}_recollapsed_bytes", "Bytes made huge again after they had been split.",
-        labels=["target"],
-    )  # fmt: skip
-    for t, n in sorted(s.recollapsed.items()):
-        rec.add_metric([t], n)
-    yield rec
-    for name, data, doc in (
-        ("fork_restore_seconds", s.fork_restore,
-         "From a fork child's exit to its parent's THP coverage being restored."),
-        ("pacing_delay_seconds", s.pacing,
-         "Rest imposed on a latency-sensitive target after each request."),
-    ):  # fmt: skip
-        h = HistogramMetricFamily(f"{NS}_{name}", doc, labels=["target"])
-        for t, hist in sorted(data.items()):
-            h.add_metric([t], hist.cumulative(), hist.total)
-        yield h
 
 
-def _discovery(s: Snapshot) -> Iterator[Metric]:
-    """Listing every process and matching it against the targets: bounded, and seen."""
-    took = HistogramMetricFamily(
-        f"{NS}_discovery_duration_seconds",
-        "Time to list every process and match it against the targets (one rescan).",
-    )
-    took.add_metric([], s.discovery_seconds.cumulative(), s.discovery_seconds.total)
-    yield took
-    yield GaugeMetricFamily(
-        f"{NS}_discovery_listed_processes", "Processes the last complete rescan read.",
-        value=s.discovery_listed,
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        f"{NS}_discovery_tracked_processes", "Processes the targets claim now.",
-        value=s.discovery_tracked,
-    )  # fmt: skip
-
-
+# Per group, the families computed from the snapshot (groups not named have none).
 COLLECTORS: dict[str, Callable[[Snapshot], Iterator[Metric]]] = {
     "targets": _targets,
-    "work": _work,
     "state": _state,
     "system": _system,
     "persistence": _persistence,
-    "discovery": _discovery,
 }
 
 
-class SnapshotCollector(Collector):
-    """Yields the families of the latest snapshot; one failing part fails only itself."""
+def _live(metric: MetricWrapperBase) -> Iterator[Metric]:
+    """A live metric's families without the `_created` series prometheus_client adds:
+    the exposition stays the one the dashboard and the rules were written against
+    (done here, not with the process-wide `disable_created_metrics()`)."""
+    for family in metric.collect():
+        family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+        yield family
 
-    def __init__(self, source: Callable[[], Snapshot | None]):
+
+class GroupCollector(Collector):
+    """Each group's families: its live metrics, then its gauges from the latest snapshot
+    (none before the first); a group that fails leaves only itself out."""
+
+    def __init__(
+        self,
+        source: Callable[[], Snapshot | None],
+        live: Mapping[str, Sequence[MetricWrapperBase]],
+    ):
         self.source = source
+        self.live = live
 
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time
@@ -396,10 +422,13 @@ class SnapshotCollector(Collector):
         took = GaugeMetricFamily(
             f"{NS}_collector_duration_seconds", "Time the collector took.", labels=["collector"]
         )
-        for name, fn in COLLECTORS.items():
+        for name in GROUPS:
             t0 = time.perf_counter()
             try:
-                families = list(fn(snap)) if snap is not None else []
+                families = [f for m in self.live.get(name, ()) for f in _live(m)]
+                derived = COLLECTORS.get(name)
+                if derived is not None and snap is not None:
+                    families += derived(snap)
             except Exception:
                 log.exception("metrics collector %s failed", name)
                 families, success = [], 0
@@ -422,9 +451,9 @@ def metrics_app(registry: CollectorRegistry) -> httpd.App:
     """GET/HEAD /metrics as prometheus_client's own handler answers it (text or
     OpenMetrics by the Accept header, gzip if accepted), / a link to it, 404 elsewhere.
     (`name[]` is ignored: prometheus_client restricts only collectors that describe()
-    themselves, and the snapshot's cannot without collecting.) Collection runs on the
-    server's loop: it formats the published snapshot, with no I/O but /proc/self for the
-    process figures, in a few milliseconds."""
+    themselves, and the group collector cannot without collecting.) Collection runs on
+    the server's loop: it reads the live metrics and formats the published snapshot, with
+    no I/O but /proc/self for the process figures, in a few milliseconds."""
 
     def app(request: httpd.Request) -> httpd.Response:
         url = urlsplit(request.target)
@@ -445,15 +474,76 @@ def metrics_app(registry: CollectorRegistry) -> httpd.App:
     return app
 
 
+def cannot_serve(listen: tuple[str, int] | None, path: object, e: OSError) -> str:
+    """Why metrics cannot be served at `listen`, and what to change (in config `path`)."""
+    host, port = listen or ("", 0)
+    return (
+        f"cannot serve metrics on {host}:{port}: {e.strerror or e}; change or turn off "
+        f"daemon.metrics.listen in {path}"
+    )
+
+
+class Endpoint:
+    """Where a daemon's metrics are served, across reloads: a new address replaces the old
+    one only once it is bound, so a bad address in a new config loses nothing."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.server: httpd.HttpServer | None = None
+        self.listen: tuple[str, int] | None = None  # None exactly when server is None
+
+    def move(self, want: tuple[str, int] | None, path: object) -> None:
+        """Serve on `want` (None: nowhere); OSError, with the old endpoint kept, if it
+        cannot be bound. `path` is the running config's, named if the old one is lost."""
+        if want == self.listen:
+            return
+        old = self.server
+        try:
+            new = self._bind(want)
+        except OSError as e:
+            # Same port, another address (127.0.0.1 -> 0.0.0.0): the old socket is in the
+            # way. Let it go, try again, and take it back if that fails too.
+            if old is None or e.errno != errno.EADDRINUSE or want is None or want[1] != old.port:
+                raise
+            old.stop()
+            self.server = None
+            try:
+                new = self._bind(want)
+            except OSError:
+                try:
+                    self.server = self._bind(self.listen)
+                except OSError as back:
+                    log.error("metrics endpoint off: %s", cannot_serve(self.listen, path, back))
+                    self.listen = None
+                raise e from None
+        else:
+            if old is not None:
+                old.stop()
+        self.server, self.listen = new, want
+        if new is None and old is not None:
+            log.info("metrics endpoint off (daemon.metrics.listen: off)")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def _bind(self, listen: tuple[str, int] | None) -> httpd.HttpServer | None:
+        if listen is None:
+            return None
+        host, port = listen
+        server = serve(host, port, self.registry)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", shown, server.port)
+        return server
+
+
 def serve(
     address: str,
     port: int,
-    source: Callable[[], Snapshot | None],
+    registry: CollectorRegistry,
     limits: httpd.Limits | None = None,
 ) -> httpd.HttpServer:
-    """Serve the metrics on address:port from one thread, every connection bounded in
-    time and number (httpd.py); OSError if it cannot bind. The caller stop()s it."""
-    registry = CollectorRegistry()
-    registry.register(SnapshotCollector(source))
-    ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory: our cost
+    """Serve `registry` (a daemon's `Metrics.registry`) on address:port from one thread,
+    every connection bounded in time and number (httpd.py); OSError if it cannot bind.
+    The caller stop()s it."""
     return httpd.start(address, port, metrics_app(registry), limits)

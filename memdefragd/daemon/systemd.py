@@ -4,8 +4,7 @@ The unit runs as ``Type=notify`` (systemd 252 on Debian 12 has no ``notify-reloa
 
 * ``Notifier`` sends the sd_notify(3) datagrams: ``READY=1`` once the first scan is set up,
   ``STATUS=`` for ``systemctl status``, ``RELOADING=1`` + ``MONOTONIC_USEC=`` on SIGHUP and
-  ``READY=1`` again when the reload is done, ``STOPPING=1``, ``WATCHDOG=1`` and
-  ``EXTEND_TIMEOUT_USEC=`` when a start, reload or stop step will outlast its timeout.
+  ``READY=1`` again when the reload is done, ``STOPPING=1`` and ``WATCHDOG=1``.
   Without ``$NOTIFY_SOCKET`` (run by hand, in Docker, in tests) every call is a no-op.
 * ``watchdog_interval()`` reads ``WATCHDOG_USEC``/``WATCHDOG_PID`` like sd_watchdog_enabled(3)
   (systemd-python does not wrap it) and returns how often to ping: half the timeout.
@@ -73,11 +72,6 @@ class Notifier:
         self.socket_path: str | None = env.get("NOTIFY_SOCKET") or None
         self._address = _address(self.socket_path)
 
-    @property
-    def enabled(self) -> bool:
-        """True when there is a usable $NOTIFY_SOCKET to talk to."""
-        return self._address is not None
-
     def send(self, **fields: object) -> bool:
         """Send ``KEY=value`` lines, in the order given, as one datagram.
 
@@ -130,15 +124,6 @@ class Notifier:
         """WATCHDOG=1: the keep-alive ping."""
         return self.send(WATCHDOG=1)
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """EXTEND_TIMEOUT_USEC=: ask for ``seconds`` more before the start/stop/reload timeout.
-
-        Send it again before the extension runs out if the step takes longer still.
-        """
-        if not seconds > 0:
-            raise ValueError(f"extend_timeout needs a positive number of seconds, got {seconds!r}")
-        return self.send(EXTEND_TIMEOUT_USEC=max(1, round(seconds * 1_000_000)))
-
 
 def watchdog_interval(
     environ: Mapping[str, str] | None = None, pid: int | None = None
@@ -177,54 +162,25 @@ def watchdog_interval(
 class Watchdog:
     """When to ping: due once ``interval`` seconds have passed since the last ping.
 
-    ``interval`` is what ``watchdog_interval()`` returns (already half the timeout); None
-    disables the watchdog, and then nothing is ever due. Pure: the caller passes the time,
-    from a monotonic clock. Main loop::
+    ``interval`` is what ``watchdog_interval()`` returns (already half the timeout); where
+    that is None there is no watchdog to keep. Pure: the caller passes the time, from a
+    monotonic clock, so the main loop pings only while it really runs::
 
         if watchdog.due(now):
             notifier.watchdog()
             watchdog.pinged(now)
-        timeout = watchdog.seconds_until_due(now)   # bound the loop's sleep with this
     """
 
-    def __init__(self, interval: float | None, last_ping: float | None = None) -> None:
-        if interval is not None and not interval > 0:
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
             raise ValueError(f"watchdog interval must be positive, got {interval!r}")
         self.interval = interval
-        self.last_ping = last_ping
-
-    @classmethod
-    def from_environ(
-        cls, environ: Mapping[str, str] | None = None, pid: int | None = None
-    ) -> Watchdog:
-        return cls(watchdog_interval(environ, pid))
-
-    @property
-    def enabled(self) -> bool:
-        return self.interval is not None
+        self.last_ping: float | None = None
 
     def due(self, now: float) -> bool:
         """True if a ping should be sent now (always, before the first ping)."""
-        if self.interval is None:
-            return False
         return self.last_ping is None or now - self.last_ping >= self.interval
 
     def pinged(self, now: float) -> None:
         """Record that a ping was sent at ``now``."""
         self.last_ping = now
-
-    def seconds_until_due(self, now: float) -> float | None:
-        """How long the loop may sleep before the next ping (0 if due); None if disabled."""
-        if self.interval is None:
-            return None
-        if self.last_ping is None:
-            return 0.0
-        return max(0.0, self.last_ping + self.interval - now)
-
-    def maybe_ping(self, notifier: Notifier, now: float) -> bool:
-        """Ping through ``notifier`` if due; returns whether a ping was due."""
-        if not self.due(now):
-            return False
-        notifier.watchdog()
-        self.pinged(now)
-        return True

@@ -10,9 +10,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..backends.protocol import Backend
 from ..model import (
     PAGE_SHIFT,
+    PAGE_SIZE,
     PMD_PAGES,
     AccessDenied,
     MemoryState,
@@ -150,4 +153,34 @@ def build_report(
     )
 
 
-# ---------------------------------------------------------------- JSON
+# ---------------------------------------------------------------- for the daemon
+
+
+def worth_collapsing(vma: Vma) -> bool:
+    """The VMAs the daemon works on: private anonymous memory (heaps, arenas, stacks).
+
+    File-backed text could be collapsed too (CONFIG_READ_ONLY_THP_FOR_FS), but it is small
+    next to heaps and its pages are shared; leaving it out also keeps idle scans cheap.
+    """
+    return vma.anonymous and vma.perms[1] == "w" and vma.perms[3] == "p" and vma.collapse_eligible
+
+
+def collapsible_regions(metrics: VmaMetrics) -> np.ndarray:
+    """A VMA's collapsible regions as byte addresses (uint64, as a Candidate has them);
+    none unless scanned with `collect`."""
+    if metrics.collapsible_vpns is None:
+        return _NONE
+    return metrics.collapsible_vpns.astype(np.uint64) * np.uint64(PAGE_SIZE)
+
+
+def huge_and_collapsible(report: ProcessReport) -> tuple[np.ndarray, np.ndarray]:
+    """A scan's huge and collapsible regions over all its VMAs, as byte addresses."""
+    huge = [v.metrics.thp_vpns for v in report.vmas if v.metrics.thp_vpns is not None]
+    coll = [collapsible_regions(v.metrics) for v in report.vmas]
+    return (
+        np.concatenate(huge).astype(np.uint64) * np.uint64(PAGE_SIZE) if huge else _NONE,
+        np.concatenate(coll) if coll else _NONE,
+    )
+
+
+_NONE = np.zeros(0, dtype=np.uint64)

@@ -1,6 +1,6 @@
 """Fragmentation metrics over a VMA layout: pure numpy, shared by every backend.
 
-Definitions (DESIGN.md, "Metrics over a layout"):
+Definitions, the same for the scanner, the simulator, the daemon and its metrics:
 
 - a *run* is a maximal sequence of present pages whose vpn and pfn both step by exactly 1;
 - coverage@K is the fraction of present pages inside the K largest runs;
@@ -46,6 +46,12 @@ class Contiguity:
     runs_for: dict[float, int]  # p -> fewest runs covering fraction p
 
 
+def thp_coverage(thp_regions: int, aligned_regions: int) -> float | None:
+    """Huge 2 MiB regions over the aligned regions that could be huge; None when there is
+    no aligned region (a VMA under 2 MiB), which is "cannot be huge", not 0%."""
+    return thp_regions / aligned_regions if aligned_regions else None
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class VmaMetrics:
     present_pages: int
@@ -64,9 +70,7 @@ class VmaMetrics:
 
     @property
     def thp_coverage(self) -> float | None:
-        if self.aligned_regions == 0:
-            return None
-        return self.thp_regions / self.aligned_regions
+        return thp_coverage(self.thp_regions, self.aligned_regions)
 
 
 def run_lengths(vpn: np.ndarray, pfn: np.ndarray) -> np.ndarray:
@@ -315,9 +319,7 @@ class Rollup:
 
     @property
     def thp_coverage(self) -> float | None:
-        if self.aligned_regions == 0:
-            return None
-        return self.thp_regions / self.aligned_regions
+        return thp_coverage(self.thp_regions, self.aligned_regions)
 
 
 def rollup(
@@ -366,4 +368,5 @@ def unusable_index(free_blocks: Sequence[int]) -> np.ndarray:
     if total == 0:
         return np.ones(counts.size)
     usable = np.cumsum(pages_per_order[::-1])[::-1]  # pages in blocks of order >= j
-    return (total - usable) / total
+    index: np.ndarray = (total - usable) / total
+    return index

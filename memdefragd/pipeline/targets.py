@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import re2
 
-from ..model import ProcessInfo
+from ..model import Mode, ProcessInfo
 
 # How much of a command line `cmdline` patterns see: its first 4096 bytes (the arguments
 # joined by spaces), as `pgrep -f` (procps' CMDSTRSIZE). The kernel backend reads no more
@@ -176,7 +176,7 @@ class Target:
     match: Matcher = Matcher()
     exclude: tuple[Matcher, ...] = ()
     min_rss: int = 0
-    mode: str = "enforce"  # or "observe": measure and export, never move memory
+    mode: str = Mode.ENFORCE  # or OBSERVE: measure and export, never move memory
     priority: int = 0
 
     def matches(self, p: ProcessInfo) -> bool:

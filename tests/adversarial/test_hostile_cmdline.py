@@ -1,4 +1,4 @@
-"""Command lines an unprivileged user writes to stall the daemon (issue 11, item 1).
+"""Command lines an unprivileged user writes to stall the daemon.
 
 `nobody` starts processes whose command lines make backtracking regexes explode: 40 `a`s
 and a `b` against `(a+)+$` (2^40 steps for Python's `re`), and 70 KB of `python worker
@@ -78,7 +78,7 @@ def test_hostile_command_lines_stall_nothing(as_nobody, daemons, tmp_path):
     cfg = write_config(tmp_path / "m.yaml", "mdd-hostile", listen="127.0.0.1:0")
     cfg.write_text(cfg.read_text() + TARGETS)
     d = daemons(cfg, "--log-level", "debug")
-    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", d.wait_for("metrics on"))[1])
+    port = d.metrics_port()
     d.wait_for("started:", timeout=10)  # after the first rescan, which met all three
 
     # Cycles keep their interval: a few intervals give as many "scanned" lines.

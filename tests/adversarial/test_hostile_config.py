@@ -1,4 +1,4 @@
-"""Config files and config paths built to hurt a root daemon (issue 11, items 2, 3, 5, 7).
+"""Config files and config paths built to hurt a root daemon.
 
 - A path through a directory `nobody` owns, its symlink flipped by `nobody` between root's
   config and nobody's (3 in 20,000 loads took nobody's before): every load is refused.

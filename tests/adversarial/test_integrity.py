@@ -3,7 +3,6 @@ under a daemon collapsing their memory as fast as it can, checking every word th
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.helpers import Daemon, _readline, require_kernel, start_hostile, write_config
+from tests.kernel.helpers import Daemon, require_kernel, start_hostile, write_config
+from tools.child import answer
 
 pytestmark = pytest.mark.kernel
 
@@ -37,7 +37,7 @@ def test_no_word_lost_under_munmap_mremap_mprotect_fork(tmp_path: Path) -> None:
         t0 = time.monotonic()
         code = d.stop()  # SIGTERM mid-run: the children are still at it
         took = time.monotonic() - t0
-        results = [json.loads(_readline(c, 60.0)) for c in children]
+        results = [answer(c, 60.0) for c in children]
     finally:
         for c in children:
             if c.poll() is None:

@@ -1,4 +1,4 @@
-"""Thousands of idle connections to the metrics port cost nothing lasting (issue 11, item 4):
+"""Thousands of idle connections to the metrics port cost nothing lasting:
 scrapes still answer, threads and file descriptors stay bounded while they are open, cycles
 keep coming, everything returns to its baseline once the clients leave, SIGTERM works."""
 
@@ -51,7 +51,7 @@ def test_idle_connections_cost_nothing_lasting(spawn, daemons, tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     pid = d.proc.pid
-    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", d.wait_for("metrics on"))[1])
+    port = d.metrics_port()
     d.wait_for("scanned 1 process(es)")
     scrape_seconds(port)  # the endpoint's first answer is part of the baseline
     base_threads, base_fds, base_rss = status(pid, "Threads"), fds(pid), status(pid, "VmRSS")

@@ -297,7 +297,7 @@ def test_patterns_re2_cannot_express_are_refused_at_their_line_without_quoting()
     assert cfg.targets[0].matches(proc(cmdline=("a" * 40,)))
 
 
-# ---------------------------------------------------------------- hostile files (issue 11)
+# ---------------------------------------------------------------- hostile files
 
 # What a file that is not ours might hold: no part of it may reach an error message.
 SECRET = "zqxj7_vwkpfm9b"  # an identifier, so that it is tried as a key too
@@ -341,12 +341,12 @@ def loader(request, monkeypatch):
     """Both parsers PyYAML may use: their messages differ (the Python one quotes more)."""
     import yaml
 
-    from memdefragd import config
+    from memdefragd.config import load
 
     if request.param == "libyaml":  # libyaml is installed here: it is the one used
-        assert getattr(config, "_LOADER", yaml.CSafeLoader) is yaml.CSafeLoader
+        assert load._LOADER is yaml.CSafeLoader
     else:
-        monkeypatch.setattr(config, "_LOADER", yaml.SafeLoader, raising=False)
+        monkeypatch.setattr(load, "_LOADER", yaml.SafeLoader)
     return request.param
 
 
@@ -593,14 +593,14 @@ def test_a_fifo_or_a_directory_is_refused_without_blocking(tmp_path):
 def test_an_oversized_config_is_refused_before_it_is_read(tmp_path, monkeypatch):
     import yaml
 
-    from memdefragd import config
+    from memdefragd.config import load
 
     f = tmp_path / "m.yaml"
     f.write_text("targets: []\n" + "#" * (1 << 20))
     monkeypatch.setattr(yaml, "compose", lambda *a, **k: pytest.fail("parsed"))
     reads: list[int] = []
     real_read = os.read
-    monkeypatch.setattr(config.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    monkeypatch.setattr(load.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
     with pytest.raises(ConfigError) as info:
         load_config(f)
     assert info.value.errors == [

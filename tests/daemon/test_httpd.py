@@ -11,14 +11,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import ProcessCollector, generate_latest
-from prometheus_client.core import CollectorRegistry
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memdefragd.daemon import httpd
 from memdefragd.daemon import metrics as exporter
-from memdefragd.daemon.metrics import SnapshotCollector
-from tests.daemon.test_metrics import snapshot
+from memdefragd.daemon.metrics import Metrics
+from tests.daemon.test_metrics import exported
 
 FAST = httpd.Limits(request_timeout=0.3, idle_timeout=0.3, send_timeout=0.3, max_connections=8)
 CHANGING = ("process_", "memdefragd_collector_duration_seconds")  # values differ per scrape
@@ -26,8 +25,7 @@ CHANGING = ("process_", "memdefragd_collector_duration_seconds")  # values diffe
 
 @pytest.fixture
 def server() -> Iterator[httpd.HttpServer]:
-    snap = snapshot()
-    srv = exporter.serve("127.0.0.1", 0, lambda: snap, FAST)
+    srv = exporter.serve("127.0.0.1", 0, exported().registry, FAST)
     yield srv
     srv.stop()
 
@@ -68,11 +66,8 @@ def families(text: str) -> dict[str, set]:
 
 
 def expected() -> dict[str, set]:
-    snap = snapshot()
-    reg = CollectorRegistry()
-    reg.register(SnapshotCollector(lambda: snap))
-    ProcessCollector(registry=reg)
-    return families(generate_latest(reg).decode())
+    """What prometheus_client makes of the same metrics, built separately."""
+    return families(generate_latest(exported().registry).decode())
 
 
 def closed(s: socket.socket, within: float) -> bool:
@@ -177,7 +172,7 @@ def test_connection_cap_evicts_idle_ones_and_a_scrape_still_succeeds(server):
 
 
 def test_stop_closes_everything_quickly():
-    srv = exporter.serve("127.0.0.1", 0, lambda: None)
+    srv = exporter.serve("127.0.0.1", 0, Metrics().registry)
     idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(5)]
     time.sleep(0.1)
     t0 = time.monotonic()
@@ -193,4 +188,4 @@ def test_stop_closes_everything_quickly():
 
 def test_bind_failure_raises_in_the_caller():
     with pytest.raises(OSError):
-        exporter.serve("192.0.2.1", 0, lambda: None)  # TEST-NET-1: on no interface here
+        exporter.serve("192.0.2.1", 0, Metrics().registry)  # TEST-NET-1: on no interface here

@@ -1,4 +1,5 @@
-"""Exposition from a snapshot: families, bounded labels, a failing collector isolated."""
+"""Exposition: live counters and histograms, gauges from a snapshot, bounded labels, a
+failing collector isolated."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from types import MappingProxyType
 
 import numpy as np
 from prometheus_client import generate_latest
-from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from memdefragd.daemon import metrics as exporter
-from memdefragd.daemon.metrics import Histogram, Snapshot, SnapshotCollector, pause_reason_label
-from memdefragd.model import MemoryState, ZoneFree
+from memdefragd.daemon.metrics import Metrics, Snapshot, pause_reason_label
+from memdefragd.model import MemoryState, Outcome, Request, ZoneFree
 from memdefragd.pipeline.score import VmaMetrics, histogram
 
 
@@ -22,41 +22,48 @@ def snapshot(**kw) -> Snapshot:
         pagetype_free=None, vmstat=MappingProxyType({}), thp=MappingProxyType({}),
         khugepaged=MappingProxyType({}), pressure_some=None, pressure_full=None,
     )  # fmt: skip
-    h = Histogram(exporter.REQUEST_BUCKETS)
-    h.observe(0.003)
-    h.observe(0.2)
 
     def vma(runs: list[int]) -> VmaMetrics:
         return VmaMetrics(1024, 512, 2, 1, 1, 0, None, histogram(np.array(runs)))
 
     base = Snapshot(
-        time=1.0, config_sha256="ab" * 32,
         targets=exporter.target_figures(
             [("db", [vma([512, 256, 256])]), ("db", [vma([8])])]
         ),
-        requests={("db", "collapse", "ok"): 2}, bytes_attempted={("db", "collapse"): 4 << 20},
-        bytes_done={("db", "collapse"): 4 << 20}, bytes_verified={("db", "collapse"): 2 << 20},
-        failures={("db", "collapse", "EAGAIN"): 1}, races={"exited": 1}, errors={},
-        reloads={"ok": 1},
-        request_seconds={"collapse": h}, scan_seconds=Histogram(exporter.SCAN_BUCKETS),
-        pages_scanned=2048, scans=2, last_cycle=1234.5, scan_interval=30.0, paused=None, pressure_some_avg10=2.5,
-        budget_tokens=1e6, cpu_used=0.5, cpu_limit=1.0, queue_bytes=0, memory=memory,
+        paused=None, pressure_some_avg10=2.5, budget_tokens=1e6, cpu_used=0.5, cpu_limit=1.0,
+        queue_bytes=0, memory=memory,
     )  # fmt: skip
     return replace(base, **kw)
 
 
-def scrape(snap: Snapshot) -> dict:
-    reg = CollectorRegistry()
-    reg.register(SnapshotCollector(lambda: snap))
+def exported(snap: Snapshot | None = None) -> Metrics:
+    """A daemon's metrics after some work: two requests of db, one failed region..."""
+    m = Metrics(lambda: snapshot() if snap is None else snap)
+    m.configured("ab" * 32, 30.0)
+    m.requests.labels("db", "collapse", "ok").inc(2)
+    m.attempted.labels("db", "collapse").inc(4 << 20)
+    m.done.labels("db", "collapse").inc(4 << 20)
+    m.verified.labels("db", "collapse").inc(2 << 20)
+    m.failures.labels("db", "collapse", "EAGAIN").inc()
+    m.races.labels("exited").inc()
+    m.reloads.labels("ok").inc()
+    for seconds in (0.003, 0.2):
+        m.request_seconds.labels("collapse").observe(seconds)
+    m.scanned_pages.inc(2048)
+    m.last_cycle.set(1234.5)
+    return m
+
+
+def scrape(metrics: Metrics) -> dict:
     out = {}
-    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+    for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for s in fam.samples:
             out[s.name, tuple(sorted(s.labels.items()))] = s.value
     return out
 
 
 def test_families_and_values():
-    m = scrape(snapshot())
+    m = scrape(exported())
     assert m["memdefragd_target_processes", (("target", "db"),)] == 2
     assert m["memdefragd_target_thp_bytes", (("target", "db"),)] == 2 * 512 * 4096
     assert m["memdefragd_target_thp_coverage_ratio", (("target", "db"),)] == 0.5
@@ -87,9 +94,47 @@ def test_families_and_values():
         == 1.0
     )
     assert m["memdefragd_config_reloads_total", (("result", "failed"),)] == 0
-    assert all(
-        m["memdefragd_collector_success", (("collector", c),)] == 1 for c in exporter.COLLECTORS
-    )
+    assert all(m["memdefragd_collector_success", (("collector", c),)] == 1 for c in exporter.GROUPS)
+    assert m["memdefragd_config_info", (("sha256", "ab" * 32),)] == 1
+    assert m["memdefragd_last_cycle_timestamp_seconds", ()] == 1234.5
+    assert m["memdefragd_scanned_pages_total", ()] == 2048
+    # The exposition the dashboard and the rules were written against: no _created series.
+    assert not [name for name, _ in m if name.endswith("_created")]
+
+
+def test_a_request_is_counted_in_every_family_it_feeds():
+    m = Metrics()
+    req = Request("db", 1, 2, 0, 8 << 20, ((0, 8 << 20),), method="collapse")
+    m.record(Outcome(req, 8 << 20, 6 << 20, {"EAGAIN": 1}, 0.02), verified=4 << 20)
+    m.record(Outcome(req, 2 << 20, 0, {}, 0.001, stopped="ESRCH"), verified=0)
+    get = m.registry.get_sample_value
+    work = {"target": "db", "method": "collapse"}
+    assert get("memdefragd_requests_total", {**work, "result": "partial"}) == 1
+    assert get("memdefragd_requests_total", {**work, "result": "ESRCH"}) == 1
+    assert get("memdefragd_attempted_bytes_total", work) == 10 << 20
+    assert get("memdefragd_done_bytes_total", work) == 6 << 20
+    assert get("memdefragd_verified_bytes_total", work) == 4 << 20
+    assert exporter.total(m.verified) == 4 << 20
+    assert get("memdefragd_failures_total", {**work, "reason": "EAGAIN"}) == 1
+    assert get("memdefragd_request_duration_seconds_count", {"method": "collapse"}) == 2
+
+
+def test_config_info_names_only_the_config_in_force():
+    m = exported()
+    m.configured("cd" * 32, 10.0)
+    info = {k: v for k, v in scrape(m).items() if k[0] == "memdefragd_config_info"}
+    assert info == {("memdefragd_config_info", (("sha256", "cd" * 32),)): 1}
+    assert m.registry.get_sample_value("memdefragd_scan_interval_seconds") == 10.0
+
+
+def test_races_counted_elsewhere_are_added_once():
+    m = exported()
+    m.count_races({"discovery_vanished": 0, "discovery_denied": 2})
+    m.count_races({"discovery_vanished": 3, "discovery_denied": 2})
+    races = {
+        dict(k[1])["kind"]: v for k, v in scrape(m).items() if k[0] == "memdefragd_races_total"
+    }
+    assert races == {"exited": 1, "discovery_vanished": 3, "discovery_denied": 2}
 
 
 def test_a_failing_collector_fails_only_itself(monkeypatch):
@@ -98,7 +143,7 @@ def test_a_failing_collector_fails_only_itself(monkeypatch):
         yield  # pragma: no cover
 
     monkeypatch.setitem(exporter.COLLECTORS, "system", broken)
-    m = scrape(snapshot())
+    m = scrape(exported())
     assert m["memdefragd_collector_success", (("collector", "system"),)] == 0
     assert m["memdefragd_collector_success", (("collector", "work"),)] == 1
     labels = (("method", "collapse"), ("result", "ok"), ("target", "db"))
@@ -106,9 +151,7 @@ def test_a_failing_collector_fails_only_itself(monkeypatch):
 
 
 def test_no_snapshot_yet_still_answers():
-    reg = CollectorRegistry()
-    reg.register(SnapshotCollector(lambda: None))
-    text = generate_latest(reg).decode()
+    text = generate_latest(Metrics(lambda: None).registry).decode()
     assert 'memdefragd_collector_success{collector="work"} 1.0' in text
 
 
@@ -117,27 +160,27 @@ def test_pause_reasons_are_a_bounded_vocabulary():
     assert pause_reason_label("memory pressure: PSI some avg10 12.0% > 10.0%") == "pressure"
     assert pause_reason_label("MemAvailable 200 MiB < 1024 MiB") == "low_memory"
     assert pause_reason_label("operator said so") == "other"
-    m = scrape(snapshot(paused="MemAvailable 1 MiB < 1 GiB"))
+    m = scrape(exported(snapshot(paused="MemAvailable 1 MiB < 1 GiB")))
     paused = {k[1][0][1]: v for k, v in m.items() if k[0] == "memdefragd_paused"}
     assert paused == {"pressure": 0, "low_memory": 1, "other": 0}
     # Not paused: every reason's series is still there, at 0 (no series appear or vanish).
-    m = scrape(snapshot())
+    m = scrape(exported())
     paused = {k[1][0][1]: v for k, v in m.items() if k[0] == "memdefragd_paused"}
     assert paused == dict.fromkeys(exporter.PAUSE_REASONS, 0)
 
 
 def test_persistence_families():
-    h = Histogram(exporter.PACING_BUCKETS)
-    h.observe(0.02)
-    r = Histogram(exporter.RESTORE_BUCKETS)
-    r.observe(1.5)
-    m = scrape(
+    e = exported(
         snapshot(
-            pending={("db", "hot"): 4 << 20, ("db", "cold"): 2 << 20}, untouched={"db": 6 << 20},
-            forks={"db": 2}, regressions={("db", "fork"): 1}, recollapsed={"db": 8 << 20},
-            fork_restore={"db": r}, pacing={"db": h},
+            pending={("db", "hot"): 4 << 20, ("db", "cold"): 2 << 20}, untouched={"db": 6 << 20}
         )
-    )  # fmt: skip
+    )
+    e.forks.labels("db").inc(2)
+    e.regressions.labels("db", "fork").inc()
+    e.recollapsed.labels("db").inc(8 << 20)
+    e.fork_restore.labels("db").observe(1.5)
+    e.pacing.labels("db").observe(0.02)
+    m = scrape(e)
     pending = {dict(k[1])["heat"]: v for k, v in m.items() if k[0] == "memdefragd_pending_bytes"}
     assert pending == {"hot": 4 << 20, "cold": 2 << 20, "untouched": 6 << 20, "unknown": 0}
     assert m["memdefragd_forks_total", (("target", "db"),)] == 2
@@ -149,10 +192,12 @@ def test_persistence_families():
 
 def test_discovery_families():
     """What listing and matching every process costs per rescan, and what it found."""
-    took = Histogram(exporter.DISCOVERY_BUCKETS)
+    e = exported()
     for seconds in (0.004, 0.3, 0.3):
-        took.observe(seconds)
-    m = scrape(snapshot(discovery_seconds=took, discovery_listed=812, discovery_tracked=3))
+        e.discovery_seconds.observe(seconds)
+    e.listed.set(812)
+    e.tracked.set(3)
+    m = scrape(e)
     assert m["memdefragd_discovery_duration_seconds_count", ()] == 3
     assert m["memdefragd_discovery_duration_seconds_bucket", (("le", "0.005"),)] == 1
     assert m["memdefragd_discovery_duration_seconds_bucket", (("le", "0.5"),)] == 3

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from memdefragd.daemon import logs, systemd
-from memdefragd.daemon.logs import FieldsAdapter, OnceMemory, once, render_fields, setup_logging
+from memdefragd.daemon.logs import OnceMemory, once, setup_logging
 from memdefragd.daemon.systemd import Notifier, Watchdog, watchdog_interval
 
 # --- sd_notify ---------------------------------------------------------------------------------
@@ -48,41 +48,22 @@ def _notifier(value: str) -> Notifier:
     return Notifier({"NOTIFY_SOCKET": value})
 
 
-def test_ready_sends_exact_bytes(notify_socket):
+@pytest.mark.parametrize(
+    ("method", "args", "sent"),
+    [
+        ("ready", (), b"READY=1"),
+        ("ready", ("scanning 12 targets",), b"READY=1\nSTATUS=scanning 12 targets"),
+        ("status", ("idle; next scan in 30 s",), b"STATUS=idle; next scan in 30 s"),
+        ("status", ("two\nREADY=1",), b"STATUS=two READY=1"),  # a newline cannot inject a field
+        ("watchdog", (), b"WATCHDOG=1"),
+        ("stopping", (), b"STOPPING=1"),
+        ("stopping", ("draining",), b"STOPPING=1\nSTATUS=draining"),
+    ],
+)
+def test_sends_exact_bytes(notify_socket, method, args, sent):
     value, sock = notify_socket
-    notifier = _notifier(value)
-    assert notifier.enabled
-    assert notifier.ready() is True
-    assert sock.recv(4096) == b"READY=1"
-
-
-def test_ready_with_status(notify_socket):
-    value, sock = notify_socket
-    assert _notifier(value).ready("scanning 12 targets")
-    assert sock.recv(4096) == b"READY=1\nSTATUS=scanning 12 targets"
-
-
-def test_status(notify_socket):
-    value, sock = notify_socket
-    assert _notifier(value).status("idle; next scan in 30 s")
-    assert sock.recv(4096) == b"STATUS=idle; next scan in 30 s"
-
-
-def test_status_newline_cannot_inject_a_field(notify_socket):
-    value, sock = notify_socket
-    assert _notifier(value).status("two\nREADY=1")
-    assert sock.recv(4096) == b"STATUS=two READY=1"
-
-
-def test_watchdog_and_stopping(notify_socket):
-    value, sock = notify_socket
-    notifier = _notifier(value)
-    assert notifier.watchdog()
-    assert sock.recv(4096) == b"WATCHDOG=1"
-    assert notifier.stopping()
-    assert sock.recv(4096) == b"STOPPING=1"
-    assert notifier.stopping("draining")
-    assert sock.recv(4096) == b"STOPPING=1\nSTATUS=draining"
+    assert getattr(_notifier(value), method)(*args) is True
+    assert sock.recv(4096) == sent
 
 
 def test_reloading_carries_monotonic_usec(notify_socket):
@@ -96,14 +77,6 @@ def test_reloading_carries_monotonic_usec(notify_socket):
     assert key == b"MONOTONIC_USEC"
     assert usec.isdigit()
     assert before <= int(usec) <= after
-
-
-def test_extend_timeout_in_microseconds(notify_socket):
-    value, sock = notify_socket
-    assert _notifier(value).extend_timeout(90)
-    assert sock.recv(4096) == b"EXTEND_TIMEOUT_USEC=90000000"
-    with pytest.raises(ValueError):
-        _notifier(value).extend_timeout(0)
 
 
 def test_send_generic_fields_in_order(notify_socket):
@@ -145,7 +118,6 @@ def test_noop_without_usable_notify_socket(environ, monkeypatch):
 
     monkeypatch.setattr(systemd.socket, "socket", no_socket)
     notifier = Notifier(environ)
-    assert not notifier.enabled
     assert notifier.ready("x") is False
     assert notifier.watchdog() is False
     assert notifier.reloading() is False
@@ -154,7 +126,6 @@ def test_noop_without_usable_notify_socket(environ, monkeypatch):
 def test_unreachable_socket_is_logged_not_raised(tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger=systemd.__name__)
     notifier = _notifier(str(tmp_path / "nobody-listens.sock"))
-    assert notifier.enabled
     assert notifier.ready("x") is False
     assert notifier.watchdog() is False
     failures = [r for r in caplog.records if r.name == systemd.__name__]
@@ -195,40 +166,19 @@ def test_watchdog_interval_defaults_to_our_pid(monkeypatch):
 
 def test_watchdog_due_and_pinged():
     dog = Watchdog(30.0)
-    assert dog.enabled
     assert dog.due(1000.0)  # never pinged yet
-    assert dog.seconds_until_due(1000.0) == 0.0
     dog.pinged(1000.0)
     assert not dog.due(1000.0)
     assert not dog.due(1029.9)
-    assert dog.seconds_until_due(1010.0) == pytest.approx(20.0)
     assert dog.due(1030.0)
-    assert dog.seconds_until_due(1031.0) == 0.0
     dog.pinged(1031.0)
     assert not dog.due(1060.0)
     assert dog.due(1061.0)
 
 
-def test_watchdog_disabled_is_never_due():
-    dog = Watchdog(None)
-    assert not dog.enabled
-    assert not dog.due(0.0)
-    assert not dog.due(1e9)
-    assert dog.seconds_until_due(5.0) is None
+def test_watchdog_interval_must_be_positive():
     with pytest.raises(ValueError):
         Watchdog(0)
-
-
-def test_watchdog_from_environ_pings_through_notifier(notify_socket):
-    value, sock = notify_socket
-    dog = Watchdog.from_environ({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "7"}, pid=7)
-    assert dog.interval == 5.0
-    notifier = _notifier(value)
-    assert dog.maybe_ping(notifier, 100.0)
-    assert sock.recv(4096) == b"WATCHDOG=1"
-    assert not dog.maybe_ping(notifier, 104.0)
-    assert dog.maybe_ping(notifier, 105.0)
-    assert sock.recv(4096) == b"WATCHDOG=1"
 
 
 # --- setup_logging -----------------------------------------------------------------------------
@@ -294,7 +244,7 @@ def test_journal_handler_when_stream_is_journal_and_systemd_python_present(log_f
 
     entries = _capture_journal(monkeypatch, journal)
     log = logging.getLogger("memdefragd.scan")
-    log.warning("smaps read failed", extra={"fields": {"target": "pg", "pid": 42, "5xx": 1}})
+    log.warning("smaps read failed")
     log.debug("not at info level")
 
     (entry,) = entries
@@ -302,27 +252,8 @@ def test_journal_handler_when_stream_is_journal_and_systemd_python_present(log_f
     assert entry["PRIORITY"] == "4"
     assert entry["SYSLOG_IDENTIFIER"] == "memdefragd"
     assert entry["LOGGER"] == "memdefragd.scan"
-    assert entry["TARGET"] == "pg"
-    assert entry["PID"] == "42"
-    assert entry["FIELD_5XX"] == "1"
-    assert "fields" not in entry
-    assert _written(stream) == ""  # nothing on the stream itself
-
-
-def test_journal_field_clashing_with_handler_argument_is_renamed(log_file, monkeypatch):
-    journal = pytest.importorskip("systemd.journal")
-    stream, journal_stream = log_file
-    setup_logging("info", stream=stream, environ={"JOURNAL_STREAM": journal_stream})
-    entries = _capture_journal(monkeypatch, journal)
-    adapter = FieldsAdapter(logging.getLogger("memdefragd"), {"priority": "high"})
-    adapter.error("x", extra={"fields": {"message": "m", "code_line": "c"}})
-    (entry,) = entries
-    assert entry["MESSAGE"] == "x"
-    assert entry["PRIORITY"] == "3"
-    assert entry["FIELD_PRIORITY"] == "high"
-    assert entry["FIELD_MESSAGE"] == "m"
-    assert entry["FIELD_CODE_LINE"] == "c"
     assert entry["CODE_LINE"].isdigit()
+    assert _written(stream) == ""  # nothing on the stream itself
 
 
 def test_prefixed_stderr_when_systemd_python_is_missing(log_file, monkeypatch):
@@ -331,12 +262,12 @@ def test_prefixed_stderr_when_systemd_python_is_missing(log_file, monkeypatch):
     kind = setup_logging("debug", stream=stream, environ={"JOURNAL_STREAM": journal_stream})
     assert kind == "stderr-prefixed"
     log = logging.getLogger("memdefragd")
-    log.warning("collapse refused", extra={"fields": {"target": "pg", "errno": "EAGAIN"}})
+    log.warning("collapse refused")
     log.error("e")
     log.info("i")
     log.debug("d")
     assert _written(stream).splitlines() == [
-        "<4>collapse refused target=pg errno=EAGAIN",
+        "<4>collapse refused",
         "<3>e",
         "<6>i",
         "<7>d",
@@ -350,9 +281,9 @@ def test_prefixed_traceback_keeps_priority_on_every_line(log_file, monkeypatch):
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        logging.getLogger("memdefragd").exception("scan failed", extra={"fields": {"pid": 1}})
+        logging.getLogger("memdefragd").exception("scan failed")
     lines = _written(stream).splitlines()
-    assert lines[0] == "<3>scan failed pid=1"
+    assert lines[0] == "<3>scan failed"
     assert lines[-1] == "<3>RuntimeError: boom"
     assert len(lines) > 2
     assert all(line.startswith("<3>") for line in lines)
@@ -365,13 +296,13 @@ def test_plain_stderr_without_journal_stream(log_file):
     stream, _ = log_file
     assert setup_logging("INFO", stream=stream, environ={}) == "stderr"
     log = logging.getLogger("memdefragd.pipeline.targets")
-    log.warning("target vanished", extra={"fields": {"TARGET": "pg", "PID": 42}})
+    log.warning("target vanished")
     log.info("plain")
     log.debug("dropped")
     first, second = _written(stream).splitlines()
     match = PLAIN.match(first)
     assert match, first
-    assert match.groups() == (str(os.getpid()), "WARNING", "target vanished target=pg pid=42")
+    assert match.groups() == (str(os.getpid()), "WARNING", "target vanished")
     assert PLAIN.match(second).groups()[1:] == ("INFO", "plain")
 
 
@@ -410,40 +341,6 @@ def test_invalid_level_names_the_valid_ones():
         setup_logging("verbose", stream=io.StringIO(), environ={})
     for name in ("debug", "info", "warning", "error", "critical"):
         assert name in str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("fields", "expected"),
-    [
-        (None, ""),
-        ({}, ""),
-        ({"pid": 42}, " pid=42"),
-        ({"TARGET": "pg", "PID": 7}, " target=pg pid=7"),
-        ({"comm": "kworker/0:1 x"}, ' comm="kworker/0:1 x"'),
-        ({"path": ""}, ' path=""'),
-        ({"q": 'say "hi"'}, r' q="say \"hi\""'),
-        ({"k": "a=b"}, ' k="a=b"'),
-        ({"k": "two\nlines"}, r' k="two\nlines"'),
-        ({"ratio": 0.5, "ok": True}, " ratio=0.5 ok=True"),
-    ],
-)
-def test_render_fields(fields, expected):
-    assert render_fields(fields) == expected
-
-
-def test_fields_adapter_merges_bound_and_call_fields(log_file):
-    stream, _ = log_file
-    setup_logging("info", stream=stream, environ={})
-    tlog = FieldsAdapter(logging.getLogger("memdefragd"), {"target": "pg", "pid": 1})
-    tlog.info("a")
-    tlog.info("b", extra={"fields": {"pid": 2, "bytes": 4096}})
-    tlog.bind(zone="Normal").info("c")
-    messages = [PLAIN.match(line).group(3) for line in _written(stream).splitlines()]
-    assert messages == [
-        "a target=pg pid=1",
-        "b target=pg pid=2 bytes=4096",
-        "c target=pg pid=1 zone=Normal",
-    ]
 
 
 # --- once --------------------------------------------------------------------------------------
@@ -499,10 +396,10 @@ def test_module_once_reports_the_caller(caplog):
     log = logging.getLogger("memdefragd.once_module")
     caplog.set_level(logging.INFO, logger=log.name)
     key = uuid.uuid4().hex  # the module-level memory is shared by the whole process
-    assert once(log, key, logging.WARNING, "race on %s", "pid 9", extra={"fields": {"pid": 9}})
+    assert once(log, key, logging.WARNING, "race on %s", "pid 9", extra={"detail": 9})
     assert not once(log, key, logging.WARNING, "race on %s", "pid 9")
     (record,) = caplog.records
     assert record.getMessage() == "race on pid 9"
-    assert record.fields == {"pid": 9}
+    assert record.detail == 9
     assert record.funcName == "test_module_once_reports_the_caller"
     assert logs.ONCE_MAX_KEYS >= 1

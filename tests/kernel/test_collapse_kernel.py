@@ -1,6 +1,6 @@
 """The `collapse` method against the real kernel: process_madvise(pidfd, MADV_COLLAPSE).
 
-Every test collapses memory of a child it started itself (helpers.CHILD_SCRIPT) and checks
+Every test collapses memory of a child it started itself (tools/child.py) and checks
 the result with oracles that share no code with memdefragd: the child's smaps
 AnonHugePages, pagemap plus kpageflags, and the child's own check of the kernel selftest's
 data pattern. Tests skip only where the kernel refuses (no free huge page, transient

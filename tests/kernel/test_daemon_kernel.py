@@ -200,21 +200,10 @@ def test_without_cap_sys_nice_refusal_is_logged_once(spawn, daemons, tmp_path):
     cfg = write_config(tmp_path / "m.yaml", "mdd-nocap")
     require_kernel(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
     drop = ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
-    log_path = tmp_path / "nocap.log"
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(
-            [*drop, sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end and log_path.read_text().count("scanned 1 process") < 3:
-                assert p.poll() is None, log_path.read_text()
-                time.sleep(0.2)  # three scan cycles: three chances to log it again
-        finally:
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(10) == 0
-    text = log_path.read_text()
+    d = daemons(cfg, prefix=drop)
+    d.wait_for("scanned 1 process", count=3)  # three scan cycles: three chances to log it again
+    assert d.stop(10) == 0
+    text = d.text()
     assert text.count("scanned 1 process") >= 3, text
     assert text.count("not allowed to collapse pid") == 1, text
     assert "Traceback" not in text
@@ -256,9 +245,7 @@ def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
     child = spawn(64 * MiB, comm="mdd-metrics")
     cfg = write_config(tmp_path / "m.yaml", "mdd-metrics", listen="127.0.0.1:0")
     d = daemons(cfg)
-    port = int(
-        re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", d.wait_for("metrics on"))[1]
-    )
+    port = d.metrics_port()
     end = time.monotonic() + 30
     while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
         time.sleep(0.2)
@@ -299,26 +286,15 @@ def test_metrics_endpoint_reports_what_the_daemon_did(spawn, daemons, tmp_path):
     assert not any("pid" in dict(labels) for _, labels in samples)  # no pid labels, ever
 
 
-def test_without_capabilities_the_log_names_each_missing_one(spawn, tmp_path):
+def test_without_capabilities_the_log_names_each_missing_one(spawn, daemons, tmp_path):
     spawn(8 * MiB, comm="mdd-nocaps")
     cfg = write_config(tmp_path / "m.yaml", "mdd-nocaps")
     require_kernel(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
     setpriv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-    log_path = tmp_path / "nocaps.log"
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(
-            [*setpriv, sys.executable, "-m", "memdefragd.cli", "run", "-c", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end and "scanned 1 process" not in log_path.read_text():
-                assert p.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-        finally:
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(10) == 0
-    text = log_path.read_text()
+    d = daemons(cfg, prefix=setpriv)
+    d.wait_for("scanned 1 process")
+    assert d.stop(10) == 0
+    text = d.text()
     for cap in (
         "CAP_SYS_ADMIN",
         "CAP_SYS_PTRACE",

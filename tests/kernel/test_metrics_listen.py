@@ -1,4 +1,4 @@
-"""daemon.metrics.listen at start and on SIGHUP (issue 11, item 7): an address that cannot
+"""daemon.metrics.listen at start and on SIGHUP: an address that cannot
 be bound is a config error (exit 2) at start, a failed reload (old endpoint kept) later;
 a reload that moves the endpoint binds the new one before letting the old one go."""
 

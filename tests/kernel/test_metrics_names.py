@@ -5,7 +5,6 @@ use is one the daemon exports, and `promtool check metrics` accepts the expositi
 from __future__ import annotations
 
 import importlib.util
-import re
 import subprocess
 import sys
 import time
@@ -86,9 +85,7 @@ def test_dashboard_and_rules_use_only_what_a_live_scrape_has(spawn, daemon, tmp_
     """Names first (they need no promtool), then `promtool check metrics` on the text."""
     child = spawn(64 * MiB, comm="mdd-names")
     d = daemon(write_config(tmp_path / "m.yaml", "mdd-names", listen="127.0.0.1:0"))
-    port = int(
-        re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", d.wait_for("metrics on"))[1]
-    )
+    port = d.metrics_port()
     end = time.monotonic() + 30
     while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
         time.sleep(0.2)

@@ -1,7 +1,7 @@
 """The kernel backend against the real kernel, with figures checked two ways.
 
 Every test starts its own child process with one anonymous mapping of known shape (see
-helpers.CHILD_SCRIPT) and never looks at a process it did not start, except to check that
+tools/child.py) and never looks at a process it did not start, except to check that
 kernel threads are left out of the process list. Tests skip only where the kernel refuses
 (no PFNs, MADV_COLLAPSE failing, no /proc/kpageflags); MEMDEFRAGD_REQUIRE_KERNEL=1 turns
 those skips into failures.
@@ -393,12 +393,13 @@ def test_pid_with_other_start_time_is_gone(spawn, backend):
 
 
 def test_list_processes(spawn, backend):
-    child = spawn(16 * MiB, comm="mdd (t) child")  # spaces and parentheses in comm
+    # Spaces and parentheses in comm; a command line longer than a `cmdline` pattern sees.
+    child = spawn(16 * MiB, comm="mdd (t) child", padding=MAX_CMDLINE)
     procs = {p.pid: p for p in backend.list_processes()}
 
     p = procs[child.pid]
     assert p.comm == "mdd (t) child"
-    # Read as far as a `cmdline` pattern sees: the child's script makes it longer than that.
+    # Read as far as a `cmdline` pattern sees.
     full = "\0".join(child.popen.args).encode()
     assert len(full) > MAX_CMDLINE
     assert "\0".join(p.cmdline).encode() == full[:MAX_CMDLINE]

@@ -1,7 +1,7 @@
 """Layout metrics (memdefragd.pipeline.score) and the unusable free space index (memdefragd.pipeline.score).
 
 Each property test compares the numpy code with a slow reference written here straight from
-the definitions (DESIGN.md "Metrics over a layout", the layout.py docstring, and mm/vmstat.c
+the definitions (the pipeline/score.py docstring, and the kernel's mm/vmstat.c
 for the unusable index): plain Python loops over pages and over aligned regions, exact
 fractions. Hypothesis builds layouts the way the kernel makes them: present pages in runs,
 physical frames that are often contiguous, and THP flags only on whole aligned regions that

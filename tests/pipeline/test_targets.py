@@ -83,7 +83,7 @@ def _fields(p: ProcessInfo) -> dict:
     return {name: getattr(p, name) for name in ProcessInfo.__slots__}
 
 
-# ---------------------------------------------------------------- hostile input (issue 11)
+# ---------------------------------------------------------------- hostile input
 
 
 def _with_cmdline(*args: str) -> ProcessInfo:

@@ -256,3 +256,20 @@ def test_node_compaction_like_the_sysfs_knob():
     assert m.stats.pages_migrated > 0 and (m.kind[:2048:3] == CACHE).all()  # node 0 untouched
     assert backend.compact() == [0, 1]
     m.check()
+
+
+def test_capabilities_compaction_rate_limited_per_node_events_and_access_declined():
+    m = Machine.build(16 * MiB, nodes=2)
+    m.alloc_at(np.arange(0, 4096, 3), kind=CACHE)
+    backend = SimBackend(m)
+    t = [0.0]
+    compactor = backend.compactor(60.0)
+    compactor.clock = lambda: t[0]
+    assert compactor.maybe_compact() == [0, 1]
+    assert compactor.maybe_compact() == [] and compactor.maybe_compact([1]) == []
+    t[0] = 60.0
+    assert compactor.maybe_compact([1]) == [1]
+    m.check()
+    assert backend.process_events() is None  # the daemon lists processes instead
+    sampler, why = backend.access_sampler("auto")
+    assert sampler is None and "no access bits" in why

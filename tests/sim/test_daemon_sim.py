@@ -19,9 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memdefragd.config import load_config
-from memdefragd.daemon.loop import Daemon, worth_collapsing
+from memdefragd.daemon.loop import Daemon
+from memdefragd.daemon.metrics import total
 from memdefragd.model import PAGE_SIZE, PMD_SIZE
-from memdefragd.pipeline.scan import scan_process
+from memdefragd.pipeline.scan import scan_process, worth_collapsing
 from memdefragd.pipeline.score import rollup
 
 MiB = 1 << 20
@@ -108,16 +109,12 @@ def wait_until(cond, timeout: float = 60.0) -> None:
 @pytest.mark.parametrize("method", ["collapse", "ranger-improved"])
 def test_daemon_defragments_the_target_and_exports_what_it_did(running, method):
     d = running(method)
-    wait_until(lambda: d.published is not None and d.metrics_server is not None)
+    wait_until(lambda: d.published is not None and d.endpoint.server is not None)
     before, present = thp_coverage(d.backend, "simdb")
     bystander_before = thp_coverage(d.backend, "bystander")
     # Done: a full cycle after some verified work found nothing left to queue.
     wait_until(
-        lambda: (
-            sum(d.stats.bytes_verified.values()) > 0
-            and d.scheduler.queue_length == 0
-            and d.stats.cycles >= 3
-        )
+        lambda: total(d.metrics.verified) > 0 and d.scheduler.queue_length == 0 and d.cycles >= 3
     )
     after, _ = thp_coverage(d.backend, "simdb")
     assert after > before
@@ -126,11 +123,11 @@ def test_daemon_defragments_the_target_and_exports_what_it_did(running, method):
     assert thp_coverage(d.backend, "bystander") == bystander_before
 
     d.publish()  # the snapshot scrapes see is this instant's
-    m = scrape(d.metrics_server.port)
-    outcomes = [o for o, _ in d.stats.outcomes]
+    m = scrape(d.endpoint.server.port)
+    outcomes = [o for o, _ in d.outcomes]
     assert len(outcomes) < 100  # the last 100 are kept: all of them here
     work = (("method", method), ("target", "db"))
-    assert m["memdefragd_verified_bytes_total", work] == sum(v for _, v in d.stats.outcomes)
+    assert m["memdefragd_verified_bytes_total", work] == sum(v for _, v in d.outcomes)
     assert m["memdefragd_done_bytes_total", work] == sum(o.bytes_done for o in outcomes)
     assert m["memdefragd_attempted_bytes_total", work] == sum(o.bytes_attempted for o in outcomes)
     requests = sum(v for (n, _), v in m.items() if n == "memdefragd_requests_total")
@@ -180,8 +177,8 @@ def test_the_kernel_backend_refuses_simulator_only_methods(tmp_path):
 def test_regions_are_2mib_aligned_in_requests(running):
     """Requests carry 2 MiB-aligned ranges inside the VMA, as on the kernel."""
     d = running("collapse")
-    wait_until(lambda: d.stats.outcomes)
-    for o, _ in d.stats.outcomes:
+    wait_until(lambda: d.outcomes)
+    for o, _ in d.outcomes:
         for lo, hi in o.request.ranges:
             assert lo % PMD_SIZE == 0 and hi % PMD_SIZE == 0
             assert o.request.vma_start <= lo < hi <= o.request.vma_end

@@ -1,6 +1,6 @@
 """Translation Ranger as in its RFC, on small machines built by hand.
 
-Each expected figure is worked out in the comments from translation_ranger.md §2: anchors
+Each expected figure is worked out in the comments from RFC04's algorithm: anchors
 packed from the zone start (pfn congruent with vpn modulo 512), dest = anchor_pfn + (vpn
 - anchor_vpn), migrate into free frames, exchange with anon/page-cache frames, hard stops
 on everything else, promotion of a clean whole chunk. Machines are one Normal zone of

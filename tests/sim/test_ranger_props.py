@@ -164,8 +164,8 @@ def same_as_page_by_page(m: Machine) -> None:
 
 
 def reference_defrag(m: Machine, pid: int, anchors: dict, count: dict) -> None:
-    """defrag_address_range and its chunk loop (translation_ranger.md §2.2, §2.4, with
-    RFC05's THP rules), one page at a time, for comparison only."""
+    """defrag_address_range and its chunk loop (RFC04, with RFC05's THP rules; see
+    docs/simulator.md, "Sources"), one page at a time, for comparison only."""
 
     def add(k: str, n: int = 1) -> None:
         count[k] = count.get(k, 0) + n

@@ -1,9 +1,12 @@
-"""The `kernel` backend: real Linux through /proc and sysfs."""
+"""The `kernel` backend: real Linux through /proc and sysfs, with every optional
+capability of the protocol: process events (events.py), access sampling (access.py) and
+node compaction (compaction.py)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
@@ -18,8 +21,11 @@ from ...model import (
     Request,
     Vma,
 )
+from ..protocol import AccessSampler, Handle
 from . import collapse as _collapse  # the module: tests patch its syscall wrapper
 from . import procfs
+from .compaction import Compactor
+from .events import ProcEvents
 from .pagemap import WINDOW_PAGES, PagemapReader
 from .privileges import CAP_SYS_ADMIN, effective_capabilities, privilege_problems
 from .procs import PidHandle, ProcDir, list_pids
@@ -85,14 +91,32 @@ class KernelBackend:
         return f"method {method!r} exists only on the simulated backend (daemon.backend)"
 
     def execute(
-        self, handle: PidHandle, request: Request, *, should_stop: Callable[[], bool]
+        self, handle: Handle, request: Request, *, should_stop: Callable[[], bool]
     ) -> Outcome:
+        if not isinstance(handle, PidHandle):  # the protocol's Handle: ours come from open()
+            raise TypeError(f"the kernel backend needs a PidHandle, not {type(handle).__name__}")
         reason = self.refusal(request.method)
         if reason is not None:
             raise NotImplementedError(reason)
         return _collapse.collapse(
             handle, request, should_stop=should_stop, proc_root=self.proc_root
         )
+
+    def process_events(self) -> ProcEvents:
+        """The proc connector's events (netlink); `start()` says whether they flow here."""
+        return ProcEvents()
+
+    def access_sampler(self, source: str) -> tuple[AccessSampler | None, str]:
+        """DAMON, or clear_refs + smaps Referenced (access.py); DAMON's module is loaded
+        only when asked for."""
+        from .access import open_sampler
+
+        return open_sampler(source, self.proc_root)
+
+    def compactor(self, min_interval: float) -> Compactor:
+        """Writes to /sys/devices/system/node/nodeN/compact, at most once per node per
+        `min_interval` seconds."""
+        return Compactor(min_interval, self.sys_root)
 
     def close(self) -> None:
         if self._kpf_fd is not None:
@@ -139,6 +163,32 @@ class KernelBackend:
         """(index into vmas, window) for every window holding present pages, in order,
         through one pagemap fd; memory is bounded by the window size."""
         visible = self.pfn_visibility().visible
+        with self._pagemap(proc) as reader:
+            guess = _dense_guess(proc, vmas)
+            for i, v in enumerate(vmas):
+                if v.path == "[vsyscall]":
+                    continue  # above the task size: pagemap has no entries for it
+                if self.density != "auto":
+                    dense = self.density == "dense"
+                else:
+                    dense = v.rss * 2 >= v.size if "Rss" in v.fields else guess(v)
+                for window in reader.windows(v.start, v.end, visible, dense):
+                    yield i, _distrust_zero_pfns(window) if visible else window
+
+    def iter_ranges(self, proc: ProcessInfo, ranges: Sequence[tuple[int, int]]) -> Iterator[Layout]:
+        """Windows of arbitrary byte ranges, through one pagemap fd as iter_layouts reads
+        VMAs: straight through, since a request's ranges are small and just made present
+        (only speed depends on that, never a figure)."""
+        visible = self.pfn_visibility().visible
+        with self._pagemap(proc) as reader:
+            for lo, hi in ranges:
+                for window in reader.windows(lo, hi, visible, dense=True):
+                    yield _distrust_zero_pfns(window) if visible else window
+
+    @contextmanager
+    def _pagemap(self, proc: ProcessInfo) -> Iterator[PagemapReader]:
+        """A reader of the process's pagemap (one fd), checked to be this very process
+        before anything is read through it and after everything was."""
         with ProcDir(self.proc_root, proc.pid) as d:
             d.check_identity(proc)
             fd = d.open("pagemap")
@@ -146,17 +196,7 @@ class KernelBackend:
                 # An exited process's pagemap has no mm behind it; some kernels mishandled
                 # PAGEMAP_SCAN on such a file, so do not even try.
                 d.check_identity(proc, alive=True)
-                reader = PagemapReader(fd, self._kpageflags(), self.use_scan, self.window_pages)
-                guess = _dense_guess(proc, vmas)
-                for i, v in enumerate(vmas):
-                    if v.path == "[vsyscall]":
-                        continue  # above the task size: pagemap has no entries for it
-                    if self.density != "auto":
-                        dense = self.density == "dense"
-                    else:
-                        dense = v.rss * 2 >= v.size if "Rss" in v.fields else guess(v)
-                    for window in reader.windows(v.start, v.end, visible, dense):
-                        yield i, _distrust_zero_pfns(window) if visible else window
+                yield PagemapReader(fd, self._kpageflags(), self.use_scan, self.window_pages)
             finally:
                 os.close(fd)
             d.check_identity(proc)  # everything read above was of this very process

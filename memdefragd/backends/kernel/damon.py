@@ -1,5 +1,6 @@
 """DAMON through its sysfs interface: a kdamond of our own that measures how often each
-tracked process touches each part of its address space (anchors.md 4).
+tracked process touches each part of its address space
+(Documentation/admin-guide/mm/damon/usage.rst).
 
 The sysfs interface (/sys/kernel/mm/damon/admin) is shared by everyone on the machine,
 and it can only add a kdamond by rebuilding them all: writing `kdamonds/nr_kdamonds`
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ class Damon:
         sample_us: int = 5_000,
         aggr_us: int = 100_000,
         update_us: int = 1_000_000,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.root = Path(root)
         self.state_file = Path(state_file)

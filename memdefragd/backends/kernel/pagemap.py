@@ -93,7 +93,7 @@ class PagemapReader:
         if self._buf.size < n:
             self._buf = np.empty(max(n, self.window), dtype=np.uint64)
         entries = self._buf[:n]
-        got = _preadv(self.fd, memoryview(entries).cast("B"), lo * 8)
+        got = _preadv(self.fd, entries.data.cast("B"), lo * 8)
         if got != n * 8:
             raise ProcessGone(f"pagemap: short read ({got} of {n * 8} bytes): process exited")
         if np.bitwise_and.reduce(entries) & PM_PRESENT:  # all present: no selection needed
@@ -125,7 +125,7 @@ class PagemapReader:
         for h in heads.tolist():
             # kpageflags cannot tell a PMD mapping from a PTE-mapped 2 MiB folio; only
             # PAGEMAP_SCAN can, so on kernels without it such folios count as THP.
-            _preadv(self.kpf_fd, memoryview(flags).cast("B"), int(pfn[h]) * 8)
+            _preadv(self.kpf_fd, flags.data.cast("B"), int(pfn[h]) * 8)
             f = int(flags[0])
             if f & KPF_THP and f & KPF_COMPOUND_HEAD:
                 thp[h : h + PMD_PAGES] = True
@@ -134,7 +134,7 @@ class PagemapReader:
     def _scan(self, start: int, end: int, category: int, returned: int) -> np.ndarray | None:
         """Ranges of [start, end) whose pages have every bit of `category`, with the bits
         of `returned`; None if the kernel has no PAGEMAP_SCAN."""
-        out = []
+        out: list[np.ndarray] = []
         vec_addr = self._vec.ctypes.data
         while start < end:
             arg = bytearray(
@@ -188,7 +188,8 @@ def _by_window(
     spans: list[tuple[int, int]], window: int
 ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
     """Cut spans at multiples of `window` and group the pieces by window, in order."""
-    current, pieces = -1, []
+    current = -1
+    pieces: list[tuple[int, int]] = []
     for lo, hi in spans:
         while lo < hi:
             w = lo // window * window
@@ -221,7 +222,8 @@ def _candidate_heads(start_vpn: int, end_vpn: int, vpn: np.ndarray, pfn: np.ndar
     heads, tails, want = heads[ok], tails[ok], want[ok]
     ok = (vpn[heads] == want) & (vpn[tails] == want + np.uint64(PMD_PAGES - 1))
     ok &= (pfn[tails] - pfn[heads] == PMD_PAGES - 1) & (pfn[heads] % PMD_PAGES == 0)
-    return heads[ok]
+    aligned: np.ndarray = heads[ok]
+    return aligned
 
 
 def _huge_pages(vpn: np.ndarray, ranges: np.ndarray) -> np.ndarray:

@@ -6,12 +6,14 @@ kills a caller outside a uprobe trampoline). So nothing here ever calls a number
 what happens. `Ranger` refuses to exist unless the kernel shows Translation Ranger's
 sysctls *and* the operator configured the number for that kernel.
 
-There is deliberately no table of "known" kernels: the reference (translation_ranger.md
-§1.1) gives 332/333/335 only by base version (launcher.c compares uname release strings),
+There is deliberately no table of "known" kernels: Translation Ranger's own launcher.c
+(docs/simulator.md, "Sources") picks 332/333/335 only by base version (it compares uname
+release strings),
 and a release string does not tell a patched kernel from a mainline one of the same
 version, so no number can be tied to a kernel identity we can check.
 
-The text the kernel writes (§1.2) is parsed by pure functions into value types below.
+The text the kernel writes (RFC04's formats) is parsed by pure functions into value types
+below.
 """
 
 from __future__ import annotations
@@ -129,10 +131,10 @@ class DefragVma:
 
 @dataclass(frozen=True, slots=True)
 class DefragStats:
-    """defrag_result_stats of one chunk (translation_ranger.md §2.4), in 4 KiB pages.
+    """defrag_result_stats of one chunk (RFC04's defrag_address_range), in 4 KiB pages.
 
     Field names are the RFC's; the ISCA tree's `src compound` and `dst free` are the RFC's
-    src_pte_thp_failed and dst_migrate_free_failed (the reference says so), while its `dst
+    src_pte_thp_failed and dst_migrate_free_failed, while its `dst
     compound` has no stated RFC equivalent and keeps its own name.
     """
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...model import PAGE_SIZE, PMD_PAGES
+from ...config.schema import SimProcessSettings, SimulatedSettings, check_machine
+from ...model import PAGE_SIZE, PMD_PAGES, UnmovableLayout
 from .buddy import MT_UNMOVABLE, PAGEBLOCK_PAGES
 from .machine import ANON, CACHE, FREE, NONLRU, UNMOVABLE, Machine, Zone
 
@@ -44,38 +45,38 @@ EXTRA_SMALL_EVICT = 0.02  # small-file churn beyond what the heaps need, per rou
 LARGE_EVICT = 0.04  # large-file churn per round
 
 
-@dataclass(frozen=True)
-class ProcSpec:
-    comm: str
-    heap: int  # bytes, rounded up to 2 MiB
-    thp: bool = True
-    count: int = 1
+ProcSpec = SimProcessSettings  # a long-running process: comm, heap, thp, count
+
+BIG_MACHINE = 16 << 30  # what `simulate` and benchmarks/simulate.py study by default
 
 
 @dataclass(frozen=True)
-class Scenario:
-    memory: int = 16 << 30  # bytes
-    nodes: int = 1
-    fragmentation: float = 0.7  # target unusable free space index at order 9
-    unmovable: float = 0.02  # fraction of frames unmovable
-    unmovable_layout: str = "scattered"  # or "clustered"
-    free: float = 0.25  # fraction of memory free after aging
-    processes: tuple[ProcSpec, ...] | None = None  # None: default_workload(memory)
-    seed: int = 0
+class Scenario(SimulatedSettings):
+    """A machine to age: the settings of the config's `daemon.simulated` (declared once,
+    with their bounds and help, in config/schema.py), plus the aging's own knobs.
+
+    Two defaults differ from the config's on purpose: `memory` is BIG_MACHINE, the size
+    `simulate` studies, and no `processes` means default_workload(memory), a mix that
+    scales with the machine (a config names the processes its targets match)."""
+
+    memory: int = BIG_MACHINE
+    processes: tuple[ProcSpec, ...] = ()
     polluted: float = 0.5  # scattered: fraction of pageblocks holding unmovable frames
     rounds: int = 10
 
     def workload(self) -> tuple[ProcSpec, ...]:
-        return self.processes if self.processes is not None else default_workload(self.memory)
+        return self.processes or default_workload(self.memory)
 
     def validate(self) -> None:
-        if self.unmovable_layout not in ("scattered", "clustered"):
-            raise ValueError(f"unmovable_layout must be scattered or clustered, not "
+        """Refuse what the config would refuse, and what aging cannot do."""
+        if self.unmovable_layout not in tuple(UnmovableLayout):
+            raise ValueError(f"unmovable_layout must be {' or '.join(UnmovableLayout)}, not "
                              f"{self.unmovable_layout!r}")  # fmt: skip
-        for name in ("fragmentation", "unmovable", "free", "polluted"):
-            v = getattr(self, name)
-            if not 0 <= v <= 1:
-                raise ValueError(f"{name} must be within [0, 1], not {v}")
+        problem = next(check_machine(self), None)
+        if problem is not None:
+            raise ValueError(": ".join(problem))
+        if not 0 <= self.polluted <= 1:
+            raise ValueError(f"polluted must be within [0, 1], not {self.polluted}")
         heaps = sum(p.heap * p.count for p in self.workload()) / self.memory
         if heaps + self.unmovable + self.free > 0.9:
             raise ValueError(
@@ -175,7 +176,7 @@ def _place_unmovable(m: Machine, sc: Scenario, rng: np.random.Generator) -> None
     if total == 0:
         return
     npb = m.nframes // PAGEBLOCK_PAGES
-    if sc.unmovable_layout == "clustered":
+    if sc.unmovable_layout == UnmovableLayout.CLUSTERED:
         pfns = _clustered(npb, total, rng)
         m.pageblock_mt[np.unique(pfns // PAGEBLOCK_PAGES)] = MT_UNMOVABLE
     else:
@@ -306,7 +307,8 @@ class _PageCache:
         """File index of cache frames (by token: files hold consecutive tokens)."""
         self.consolidate()
         first = self._tokens[0][self.start]
-        return np.searchsorted(first, self.m.token[pfns], side="right") - 1
+        index: np.ndarray = np.searchsorted(first, self.m.token[pfns], side="right") - 1
+        return index
 
 
 def _sizes(rng: np.random.Generator, pages: int, lo: int, hi: int) -> np.ndarray:

@@ -4,6 +4,11 @@ The daemon and `report` run on it unchanged: processes, VMAs (with smaps-like fi
 layouts in PMD-aligned windows and buddyinfo-like memory state all come from the machine,
 and requests are carried out by the simulated mechanisms. One lock serializes all access,
 so a daemon thread executing a request never races a scan.
+
+Of the protocol's optional capabilities it implements node compaction (the kernel's
+compaction baseline, per node) and declines the others: the machine has no process event
+stream (processes change only when a caller changes them; the daemon's periodic listing
+sees that) and keeps no accessed bits to sample.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -23,6 +28,7 @@ from ...model import (
     PMD_SIZE,
     Layout,
     MemoryState,
+    Method,
     Outcome,
     PfnVisibility,
     ProcessGone,
@@ -31,11 +37,12 @@ from ...model import (
     Vma,
     ZoneFree,
 )
+from ..protocol import AccessSampler, Handle
 from . import baselines
 from .machine import HEAD, Machine, SimProcess
 
 WINDOW_PAGES = 1 << 18  # as the kernel backend: 1 GiB of address space per window
-METHODS = ("collapse", "ranger", "ranger-improved", "compaction")
+METHODS = tuple(Method)
 BASE_FLAGS = frozenset({"rd", "wr", "mr", "mw", "me", "ac"})
 CANCELLED = "cancelled"
 UNMAPPED = "UNMAPPED"
@@ -158,17 +165,22 @@ class SimBackend:
     def iter_layouts(self, proc: ProcessInfo, vmas: Sequence[Vma]) -> Iterator[tuple[int, Layout]]:
         """(index, window) with present pages, windows cut at multiples of the window
         size as the kernel backend cuts them, each read under the lock (so memory stays
-        bounded and a request may run between windows, as on the kernel). Any address
-        range works, VMA or not: the daemon verifies requests by their ranges."""
+        bounded and a request may run between windows, as on the kernel)."""
         for i, v in enumerate(vmas):
-            lo, hi = v.start >> PAGE_SHIFT, v.end >> PAGE_SHIFT
+            for window in self.iter_ranges(proc, [(v.start, v.end)]):
+                yield i, window
+
+    def iter_ranges(self, proc: ProcessInfo, ranges: Sequence[tuple[int, int]]) -> Iterator[Layout]:
+        """Windows of arbitrary byte ranges, VMA or not, cut as iter_layouts cuts them."""
+        for start, end in ranges:
+            lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
             for w in range(lo // self.window * self.window, hi, self.window):
                 a, b = max(lo, w), min(hi, w + self.window)
                 with self.lock:
                     vpn, pfn = _present(self._proc(proc), a, b)
                     thp = self.machine.compound[pfn] != 0
                 if vpn.size:
-                    yield i, Layout(a, b, _u64(vpn), _u64(pfn), thp, True)
+                    yield Layout(a, b, _u64(vpn), _u64(pfn), thp, True)
 
     def pfn_visibility(self) -> PfnVisibility:
         return PfnVisibility(True)
@@ -255,7 +267,7 @@ class SimBackend:
 
     def execute(
         self,
-        handle: SimHandle,
+        handle: Handle,
         request: Request,
         *,
         should_stop: Callable[[], bool] = lambda: False,
@@ -264,6 +276,8 @@ class SimBackend:
         MADV_COLLAPSE would (failures by its errno names), `ranger`/`ranger-improved`
         through the simulated Translation Ranger (failures by defrag_result_stats
         category), `compaction` as one full compaction of every zone."""
+        if not isinstance(handle, SimHandle):  # the protocol's Handle: ours come from open()
+            raise TypeError(f"the simulated backend needs a SimHandle, not {type(handle).__name__}")
         if handle.fd < 0:
             raise ValueError(f"SimHandle of pid {handle.pid} is closed")
         if (request.pid, request.start_time) != (handle.pid, handle.proc.start_time):
@@ -296,6 +310,19 @@ class SimBackend:
                 if z.node in done:
                     baselines.compact(m, z)
             return done
+
+    def process_events(self) -> None:
+        """None: the machine's processes change only when a caller changes them, so the
+        daemon's periodic listing sees everything there is."""
+        return None
+
+    def access_sampler(self, source: str) -> tuple[AccessSampler | None, str]:
+        """Declined: simulated pages carry no accessed bits."""
+        return None, f"access-aware priority off: the {self.name} backend has no access bits"
+
+    def compactor(self, min_interval: float) -> SimCompactor:
+        """`compact` per node, at most once per node per `min_interval` seconds."""
+        return SimCompactor(self, min_interval)
 
     def _collapse(self, request: Request, should_stop: Callable[[], bool], t0: float) -> Outcome:
         attempted = done = 0
@@ -333,6 +360,32 @@ class SimBackend:
         moved = (res.pages_migrated + res.pages_exchanged) * PAGE_SIZE
         failures = {k: int(v) for k, v in res.failures.items() if v}
         return _outcome(request, request.bytes, min(request.bytes, moved), failures, t0)
+
+
+class SimCompactor:
+    """Node compaction on the simulated machine, rate-limited per node as the kernel
+    backend's Compactor is: the daemon asks both the same way when a collapse finds no
+    free 2 MiB block."""
+
+    def __init__(
+        self,
+        backend: SimBackend,
+        min_interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.backend = backend
+        self.min_interval = min_interval
+        self.clock = clock
+        self.last: dict[int, float] = {}
+
+    def maybe_compact(self, nodes: Iterable[int] | None = None) -> list[int]:
+        """Compact the nodes not compacted within min_interval; return those compacted."""
+        if nodes is None:
+            nodes = sorted({z.node for z in self.backend.machine.zones})
+        now = self.clock()
+        due = [n for n in nodes if now - self.last.get(n, -self.min_interval) >= self.min_interval]
+        self.last.update(dict.fromkeys(due, now))
+        return self.backend.compact(due) if due else []
 
 
 def _info(p: SimProcess) -> ProcessInfo:
@@ -402,4 +455,4 @@ def _outcome(
     )
 
 
-__all__ = ["SimBackend", "SimHandle"]
+__all__ = ["SimBackend", "SimCompactor", "SimHandle"]

@@ -226,7 +226,8 @@ class Buddy:
             return np.flatnonzero(lv) + a
         even, odd = lv[0::2], lv[1::2]
         pairs = np.flatnonzero(even != odd)
-        return a + 2 * pairs + odd[pairs]
+        heads: np.ndarray = a + 2 * pairs + odd[pairs]
+        return heads
 
     def _steal(self, heads: np.ndarray, k: int, mt: int) -> None:
         """Claim the pageblocks of fallback blocks: always for a whole pageblock or more;
@@ -261,7 +262,8 @@ class Buddy:
 
 
 def _halve(lv: np.ndarray) -> np.ndarray:
-    return lv.view(np.uint16) == _BOTH_FREE
+    both: np.ndarray = lv.view(np.uint16) == _BOTH_FREE
+    return both
 
 
 def decompose(free: np.ndarray, start: int = 0) -> list[tuple[int, int]]:

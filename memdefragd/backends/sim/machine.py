@@ -244,7 +244,8 @@ class Machine:
         """Whether each frame holds an LRU page (anon or page cache): what migration and
         exchange_pages accept."""
         k = self.kind[pfns]
-        return (k == ANON) | (k == CACHE)
+        movable: np.ndarray = (k == ANON) | (k == CACHE)
+        return movable
 
     # ------------------------------------------------------------------ processes
 
@@ -783,4 +784,5 @@ def _whole_thps(src: np.ndarray, dst: np.ndarray, what: str) -> None:
 def _sticks_out(heads: np.ndarray, comp: np.ndarray) -> np.ndarray:
     """Which THP heads have fewer than 512 of their frames in `comp`."""
     counts = np.bincount(np.searchsorted(heads, comp - comp % PMD_PAGES), minlength=heads.size)
-    return counts != PMD_PAGES
+    short: np.ndarray = counts != PMD_PAGES
+    return short

@@ -2,7 +2,7 @@
 
 `defrag(machine, pid)` is one complete call of scan_process_memory's defrag action
 (action 3 until it returns 0) for one process. With the default `improved=False` it is
-the RFC (translation_ranger.md §2, [RFC04] with [RFC05]'s THP rules):
+the RFC (RFC04 with RFC05's THP rules; docs/simulator.md, "Sources"):
 
 - each eligible VMA gets one anchor (vpn, pfn): `get_undefragged_area` packs the process's
   VMAs back to back in virtual order from the start of the zone of the VMA's first present
@@ -28,6 +28,7 @@ the anchor's range?): see ranger_plan.py.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,13 +93,18 @@ class RangerState:
 _STATES: dict[int, tuple[weakref.ref[Machine], RangerState]] = {}
 
 
+def _forget(key: int, _ref: weakref.ref[Machine]) -> None:
+    """A machine was collected: drop its state."""
+    _STATES.pop(key, None)
+
+
 def state_of(machine: Machine) -> RangerState:
     """The machine's RangerState, created on first use and dropped with the machine."""
     key = id(machine)
     entry = _STATES.get(key)
     if entry is None or entry[0]() is not machine:
         st = RangerState()
-        _STATES[key] = (weakref.ref(machine, lambda _r, k=key: _STATES.pop(k, None)), st)
+        _STATES[key] = (weakref.ref(machine, functools.partial(_forget, key)), st)
         return st
     return entry[1]
 

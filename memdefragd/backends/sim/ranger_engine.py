@@ -1,11 +1,11 @@
 """Moving one VMA's pages onto planned destination frames, Translation Ranger's way.
 
-This is `defrag_address_range` and the chunk loop around it (translation_ranger.md §2.2
-step 4 and §2.4), applied to whole arrays: the RFC walks a VMA page by page, each page
-either already in place (aligned), migrated into a free destination, exchanged with an
-in-use movable one, or stopped by a destination it may not touch. Doing that per page in
-Python would take minutes on a 16 GiB machine, so a window of chunks is classified at
-once and carried out with one `migrate` and one `exchange` call.
+This is `defrag_address_range` and the chunk loop around it (RFC04's `kmem_defragd_scan_mm`;
+docs/simulator.md, "Sources"), applied to whole arrays: the RFC walks a VMA page by page,
+each page either already in place (aligned), migrated into a free destination, exchanged
+with an in-use movable one, or stopped by a destination it may not touch. Doing that per
+page in Python would take minutes on a 16 GiB machine, so a window of chunks is classified
+at once and carried out with one `migrate` and one `exchange` call.
 
 A batch gives the same result as the page-by-page loop only if no page's action changes
 what a later page of the batch sees. So before acting, the pages whose frames another

@@ -73,8 +73,8 @@ class RangeTree:
             raise ValueError(f"{owner}: reserved frame ranges would overlap")
         mine = np.flatnonzero((cols[3] == owner[0]) & (cols[4] == owner[1]))
         v = np.sort(cols[2][mine])
-        n = (cols[1] - cols[0])[mine][np.argsort(cols[2][mine], kind="stable")]
-        if (v[1:] < v[:-1] + n[:-1]).any():
+        sizes = (cols[1] - cols[0])[mine][np.argsort(cols[2][mine], kind="stable")]
+        if (v[1:] < v[:-1] + sizes[:-1]).any():
             raise ValueError(f"{owner}: two segments would map the same pages")
         self.lo, self.hi, self.vpn, self.pid, self.vma = cols
 
@@ -240,7 +240,8 @@ def _thp_heads(m: Machine, vma: SimVma, vpns: np.ndarray) -> np.ndarray:
     h = h[h + PMD_PAGES <= vma.end_vpn]
     p = vma.pfn[h - vma.start_vpn]
     ok = (p % PMD_PAGES == 0) & (m.compound[p] == HEAD)
-    return h[ok]
+    heads: np.ndarray = h[ok]
+    return heads
 
 
 class _Gaps:
@@ -302,7 +303,7 @@ class _Gaps:
         a = self.g0 + (lo % PMD_PAGES - self.g0) % PMD_PAGES
         return a, self.g1 - a
 
-    def _whole(self, vma: SimVma, lo: int, hi: int, segs: list) -> bool:
+    def _whole(self, vma: SimVma, lo: int, hi: int, segs: list[tuple[int, int, int]]) -> bool:
         """[lo, hi) in one congruent segment, if some gap has room for all of it."""
         a, use = self._congruent_windows(lo)
         fits = np.flatnonzero(use >= hi - lo)
@@ -313,7 +314,7 @@ class _Gaps:
         self._take(np.array([best]), np.array([at]), np.array([hi - lo]))
         return True
 
-    def _chunks(self, lo: int, hi: int, segs: list) -> int:
+    def _chunks(self, lo: int, hi: int, segs: list[tuple[int, int, int]]) -> int:
         """Place whole chunks from the chunk-aligned lo into the gaps with room for the
         most of them (aligned blocks), largest first; returns the first vpn left."""
         need = hi - lo
@@ -360,7 +361,9 @@ class _Gaps:
         i = int(np.argmax(free))
         return int(fits[i]), int(starts[i])
 
-    def _pieces(self, vma: SimVma, lo: int, hi: int, thp_vpns: np.ndarray, segs: list) -> None:
+    def _pieces(
+        self, vma: SimVma, lo: int, hi: int, thp_vpns: np.ndarray, segs: list[tuple[int, int, int]]
+    ) -> None:
         """Place [lo, hi) in the largest gaps, page-contiguous but not congruent (nothing
         here can hold a whole chunk), skipping whole THPs: they stay where they are."""
         vpn = np.arange(lo, hi)

@@ -79,7 +79,8 @@ def panel(rgb: np.ndarray) -> np.ndarray:
     padded = np.empty((rows * PANEL * per, 3), np.float32)
     padded[:n] = rgb
     padded[n:] = BACKGROUND
-    return padded.reshape(rows, PANEL, per, 3).mean(axis=2).round().astype(np.uint8)
+    pixels: np.ndarray = padded.reshape(rows, PANEL, per, 3).mean(axis=2).round()
+    return pixels.astype(np.uint8)
 
 
 def picture(before: np.ndarray, after: np.ndarray, legend: Legend, title: str = "") -> np.ndarray:

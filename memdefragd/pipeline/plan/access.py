@@ -1,21 +1,11 @@
 """Access-aware priority: how hot each collapsible region is, so the first work done is
-the work that buys the most (HawkEye, anchors.md 7: *access coverage*, the accessed base
+the work that buys the most (HawkEye, ASPLOS 2019: *access coverage*, the accessed base
 pages of each 2 MiB region, here as a fraction 0..1 and called hotness).
 
-Two samplers, chosen by `daemon.access.source`:
-
-- **damon**: DAMON's own kdamond (backends/kernel/damon.py), per region, at a cost DAMON
-  bounds (sampling one page per region per 5 ms); used only where it can run without
-  disturbing kdamonds someone else made.
-- **referenced**: `/proc/PID/clear_refs` then the `Referenced` field of smaps at the next
-  scan: the share of each VMA's resident pages touched in between. Per VMA only (smaps
-  has no finer grain), and it has side effects on the target, which is why `auto` uses
-  it only where DAMON is unusable: writing "1" to clear_refs clears the accessed (young)
-  bits of every page of the process, so reclaim (and anyone else sampling them: a
-  working-set estimator, khugepaged's "referenced" rule) sees its pages as idle until
-  they are touched again, and it walks every page table of the process under its mmap
-  read lock. It never writes "4", so the soft-dirty bits CRIU and similar tools use are
-  left alone.
+Samples come from the backend's optional `access_sampler()` capability, chosen by
+`daemon.access.source`; the kernel backend's (its access.py) uses DAMON's kdamond per
+region, or clear_refs + smaps' Referenced per VMA where DAMON is unusable. This module
+holds what is pure: hotness from either kind of sample.
 
 Until a process has been watched for one window its hotness is unknown (None); the daemon
 holds such a process's work back rather than collapsing blind (`Daemon.candidates`).
@@ -23,20 +13,11 @@ holds such a process's work back rather than collapsing blind (`Daemon.candidate
 
 from __future__ import annotations
 
-import logging
-import os
-import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
-
 import numpy as np
 
-from ...backends.kernel.procs import ProcDir
-from ...model import PMD_SIZE, AccessDenied, ProcessGone, ProcessInfo, Vma
+from ...backends.protocol import AccessSampler, Backend, access_sampler
+from ...model import PMD_SIZE
 
-log = logging.getLogger("memdefragd")
-
-MIN_WINDOW = 1.0  # seconds: a shorter Referenced window says more about luck than heat
 FIRST_WINDOW = 5.0  # seconds after discovery a process is measured for the first time
 
 
@@ -60,7 +41,8 @@ def hotness_from_ranges(
     x = np.ravel(np.column_stack((s, e)))  # breakpoints s0 e0 s1 e1 ...
     area = np.cumsum(np.ravel(np.column_stack((np.zeros_like(f), (e - s) * f))))
     total = np.interp(regions + PMD_SIZE, x, area) - np.interp(regions, x, area)
-    return np.clip(total / PMD_SIZE, 0.0, 1.0)
+    hotness: np.ndarray = np.clip(total / PMD_SIZE, 0.0, 1.0)
+    return hotness
 
 
 def hotness_from_referenced(referenced: int, rss: int) -> float | None:
@@ -70,153 +52,10 @@ def hotness_from_referenced(referenced: int, rss: int) -> float | None:
     return min(1.0, max(0.0, referenced / rss))
 
 
-# ------------------------------------------------------------------------------ samplers
-
-
-class AccessSampler(Protocol):
-    name: str
-
-    def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
-        """The processes to measure from now on."""
-
-    def refresh(self) -> None:
-        """Once per scan cycle, before the scans: take fresh figures where that is due."""
-
-    def hotness(
-        self, proc: ProcessInfo, vmas: Sequence[tuple[Vma, np.ndarray]]
-    ) -> list[np.ndarray] | None:
-        """Per (VMA as just scanned, its region addresses): the regions' hotness; None
-        while the process has not been measured for a window yet."""
-
-    def close(self) -> None:
-        """Undo what the sampler set up (our kdamond)."""
-
-
-class DamonSampler:
-    """Hotness per region from our kdamond."""
-
-    name = "damon"
-
-    def __init__(self, damon):  # backends.kernel.damon.Damon, opened
-        self.damon = damon
-
-    def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
-        try:
-            self.damon.watch(procs.keys())
-        except OSError as e:
-            log.warning("DAMON: cannot update the monitored processes: %s", e)
-
-    def refresh(self) -> None:
-        try:
-            self.damon.refresh()
-        except OSError as e:
-            log.warning("DAMON: cannot read monitoring results: %s", e)
-
-    def hotness(
-        self, proc: ProcessInfo, vmas: Sequence[tuple[Vma, np.ndarray]]
-    ) -> list[np.ndarray] | None:
-        got = self.damon.ranges(proc.pid)
-        if got is None:
-            return None
-        starts, ends, freq = got
-        return [hotness_from_ranges(regions, starts, ends, freq) for _, regions in vmas]
-
-    def close(self) -> None:
-        self.damon.close()
-
-
-class ReferencedSampler:
-    """Hotness per VMA: clear_refs, then smaps' Referenced over Rss at the next scan."""
-
-    name = "referenced"
-
-    def __init__(
-        self,
-        proc_root: str = "/proc",
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        min_window: float = MIN_WINDOW,
-    ):
-        self.proc_root = proc_root
-        self.clock = clock
-        self.min_window = min_window
-        self.since: dict[int, float] = {}  # pid -> when its window began
-        self.last: dict[int, dict[int, float | None]] = {}  # pid -> vma start -> hotness
-
-    def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
-        for pid in set(self.since) - set(procs):
-            self.since.pop(pid, None)
-            self.last.pop(pid, None)
-        for pid, proc in procs.items():
-            if pid not in self.since:
-                self._clear(proc)
-
-    def refresh(self) -> None:
-        pass  # each process's window ends at its own scan
-
-    def hotness(
-        self, proc: ProcessInfo, vmas: Sequence[tuple[Vma, np.ndarray]]
-    ) -> list[np.ndarray] | None:
-        began = self.since.get(proc.pid)
-        if began is None:
-            self._clear(proc)
-            return None
-        if self.clock() - began >= self.min_window:
-            self.last[proc.pid] = {
-                v.start: hotness_from_referenced(v.field("Referenced"), v.rss) for v, _ in vmas
-            }
-            self._clear(proc)
-        seen = self.last.get(proc.pid)
-        if seen is None:
-            return None
-        # A VMA that appeared since the window began has no figure: count it as hot (it
-        # was just mapped and filled, so it is being used).
-        return [np.full(r.size, _or(seen.get(v.start), 1.0)) for v, r in vmas]
-
-    def close(self) -> None:
-        self.since.clear()
-        self.last.clear()
-
-    def _clear(self, proc: ProcessInfo) -> None:
-        try:
-            with ProcDir(self.proc_root, proc.pid) as d:
-                d.check_identity(proc, alive=True)
-                fd = d.open("clear_refs", os.O_WRONLY)
-                try:
-                    os.write(fd, b"1")  # "1": accessed bits only; never "4" (soft-dirty)
-                finally:
-                    os.close(fd)
-        except (ProcessGone, AccessDenied, OSError) as e:
-            log.debug("clear_refs of pid %d: %s", proc.pid, e)
-            return
-        self.since[proc.pid] = self.clock()
-
-
-def _or(x: float | None, default: float) -> float:
-    return default if x is None else x
-
-
-def open_sampler(source: str, backend: str) -> tuple[AccessSampler | None, str]:
+def open_sampler(source: str, backend: Backend) -> tuple[AccessSampler | None, str]:
     """The sampler `daemon.access.source` asks for on this backend, and a sentence for
-    the log saying which and why (DAMON's refusal reason, for one)."""
+    the log saying which and why (DAMON's refusal reason, for one). "off" is decided
+    here, before the machine is asked anything."""
     if source == "off":
         return None, "access-aware priority off (daemon.access.source: off)"
-    if backend != "kernel":
-        return None, f"access-aware priority off: the {backend} backend has no access bits"
-    why = ""
-    if source in ("auto", "damon"):
-        from ...backends.kernel.damon import Damon, DamonUnavailable
-
-        damon = Damon()
-        try:
-            damon.open()
-        except (DamonUnavailable, OSError) as e:
-            why = f"DAMON unusable: {e}"
-        else:
-            return DamonSampler(damon), "access-aware priority from DAMON (our own kdamond)"
-        if source == "damon":
-            return None, f"access-aware priority off: {why}"
-    return ReferencedSampler(), (
-        "access-aware priority from clear_refs + smaps Referenced, per VMA"
-        + (f" ({why})" if why else "")
-    )
+    return access_sampler(backend, source)

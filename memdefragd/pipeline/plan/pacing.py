@@ -3,7 +3,8 @@
 Each MADV_COLLAPSE of a 2 MiB region holds that range (and, for the final copy, the
 target's mmap lock) for about a millisecond, sometimes tens; a target that touches the
 range meanwhile waits. Back-to-back calls make those waits the target's tail latency
-(issue 7: p99 0.6 ms -> 5.8 ms for an in-memory database swept in one go). A latency-
+(measured: p99 0.6 ms -> 5.8 ms for an in-memory database swept in one go; see also
+benchmarks/latency.py). A latency-
 sensitive target therefore gets one 2 MiB region per request and a *duty cycle* d: after
 a call that took t seconds inside the kernel, it rests t * (1 - d) / d, so the daemon
 spends at most the fraction d of wall time collapsing in it. The pause follows each

@@ -1,7 +1,7 @@
 """Persistence: notice when huge pages a target had are split again, and mend them first.
 
 Huge pages do not stay huge. A fork shares them copy-on-write, and each write of the
-parent (or the child) while both live splits the PMD and copies one 4 KiB page (issue 7:
+parent (or the child) while both live splits the PMD and copies one 4 KiB page (measured:
 one snapshot child split 92% of a database's huge pages); an allocator purge
 (MADV_DONTNEED of part of a region, then a refault) splits them too. So the daemon keeps,
 per process, the 2 MiB regions it has seen huge (`HugeMemory`); a region that was huge and
@@ -21,17 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FORK_GRACE", "RESTORED", "Forks", "HugeMemory", "coverage"]
+__all__ = ["FORK_GRACE", "RESTORED", "Forks", "HugeMemory"]
 
 # A fork child that has not exec'd after this long is a worker (prefork servers: postgres,
 # gunicorn), not a snapshot: it and its parent are worked on again. Snapshot children
 # (redis BGSAVE, fork-based checkpoints) mostly end well within it.
 FORK_GRACE = 60.0
 RESTORED = 0.9  # coverage back to this share of what it was at the fork counts as restored
-
-
-def coverage(thp_regions: int, aligned_regions: int) -> float | None:
-    return thp_regions / aligned_regions if aligned_regions else None
 
 
 class HugeMemory:

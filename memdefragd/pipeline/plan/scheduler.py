@@ -1,20 +1,20 @@
 """Which collapse request goes next, and whether anything may go now: the daemon's policy.
 
-The pipeline's *plan* stage (DESIGN.md). Pure: no I/O and no clock; the caller passes the
-time (`now`, seconds on a monotonic clock) into every call, so tests run on a fake clock and
-the simulator replays deterministically.
+The pipeline's *plan* stage (docs/architecture.md). Pure: no I/O and no clock; the caller
+passes the time (`now`, seconds on a monotonic clock) into every call, so tests run on a
+fake clock and the simulator replays deterministically.
 
-The policy, and where each part comes from (reference/anchors.md):
+The policy, and where each part comes from:
 
 - **Ranking** by expected benefit per byte moved (`benefit_per_byte`): a region is worth the
   TLB reach it buys, weighted by its target's priority and its hotness, divided by what the
-  collapse costs. Like HawkEye (7.1) we promote the regions with most to gain first, across
-  processes; unlike khugepaged (1.2), which is plain round robin.
-- **Budgets** like DAMOS quotas (4.2) and khugepaged's pages_to_scan: a bytes-per-second
-  token bucket with a burst of one chunk, and a cap on the share of one core spent in the
-  kernel over a sliding window. Bytes bound memory bandwidth and allocations; CPU time
-  catches the expensive case bytes cannot see (direct compaction or reclaim inside the
-  huge page allocation).
+  collapse costs. Like HawkEye (ASPLOS 2019) we promote the regions with most to gain
+  first, across processes; unlike khugepaged (mm/khugepaged.c), which is plain round robin.
+- **Budgets** like DAMOS quotas (the kernel's Documentation/mm/damon/design.rst) and
+  khugepaged's pages_to_scan: a bytes-per-second token bucket with a burst of one chunk,
+  and a cap on the share of one core spent in the kernel over a sliding window. Bytes
+  bound memory bandwidth and allocations; CPU time catches the expensive case bytes cannot
+  see (direct compaction or reclaim inside the huge page allocation).
 - **Pacing** per latency-sensitive target (`pacing.py`): one 2 MiB region per request and
   a rest after each, proportional to the call's measured duration, so that the target
   spends at most its duty cycle with a collapse in progress. The budgets still apply.
@@ -23,10 +23,11 @@ The policy, and where each part comes from (reference/anchors.md):
   cold ones wait; a region nobody touched is skipped (or, configured, queued last).
   Regions that were huge and were split again (a fork's copy-on-write, a purge) are
   `urgent`: worth URGENT_BOOST times more, like four steps of target priority.
-- **Errno reactions** from MADV_COLLAPSE's contract (2.4): EAGAIN and EBUSY back the target
-  off exponentially; ENOMEM backs the whole machine off (no free huge page for anyone, as
-  khugepaged sleeps alloc_sleep_millisecs); EINVAL marks the region ineligible for the life
-  of the process; ESRCH (gone) and EPERM (not allowed) drop the process's queued work.
+- **Errno reactions** from MADV_COLLAPSE's contract (madvise(2)): EAGAIN and EBUSY back the
+  target off exponentially; ENOMEM backs the whole machine off (no free huge page for
+  anyone, as khugepaged sleeps alloc_sleep_millisecs); EINVAL marks the region ineligible
+  for the life of the process; ESRCH (gone) and EPERM (not allowed) drop the process's
+  queued work.
 - **Pressure**: pause while PSI memory "some" avg10 or MemAvailable says memory is tight,
   since each collapse allocates a huge page and may reclaim or compact to get it (DAMOS
   watermarks and quota goals on some_mem_psi_us, 4.2); resume by itself when it clears.
@@ -45,7 +46,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ...model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, MemoryState, Outcome, Request, Vma
+from ...model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, Heat, MemoryState, Mode, Outcome, Request, Vma
 from ..score import VmaMetrics
 from ..targets import Target
 from .pacing import Pacer
@@ -69,9 +70,9 @@ __all__ = [
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_CHUNK = 64 * MiB
-MODES = ("enforce", "observe")
+MODES = tuple(m.value for m in Mode)
 
-# Reactions to an outcome's errno names (anchors.md 2.4).
+# Reactions to an outcome's errno names (MADV_COLLAPSE's errors, madvise(2)).
 TARGET_BACKOFF = frozenset({"EAGAIN", "EBUSY"})  # transient, or this target's cgroup is full
 MACHINE_BACKOFF = "ENOMEM"  # no free huge page: nobody can collapse until memory frees up
 GONE = "ESRCH"
@@ -86,7 +87,7 @@ UNTOUCHED_HOTNESS = 1e-4
 # Hot/cold split of pending work, for metrics: at least half the pages of a region accessed
 # in the last window is hot (HawkEye buckets access coverage; one cut is enough for a gauge).
 HOT = 0.5
-HEATS = ("hot", "cold", "untouched", "unknown")
+HEATS = tuple(Heat)
 
 # Priorities beyond this act as strict precedence anyway (2**10 > 512, see priority_weight);
 # clamping keeps 2.0**priority finite for any integer a config may hold.
@@ -334,13 +335,13 @@ def region_gain(
     return reach
 
 
-def heat_of(hotness: float | None) -> str:
+def heat_of(hotness: float | None) -> Heat:
     """The hot/cold class of a hotness (one of HEATS), for the pending-work metrics."""
     if hotness is None:
-        return "unknown"
+        return Heat.UNKNOWN
     if hotness <= 0:
-        return "untouched"
-    return "hot" if hotness >= HOT else "cold"
+        return Heat.UNTOUCHED
+    return Heat.HOT if hotness >= HOT else Heat.COLD
 
 
 def region_cost(present: np.ndarray) -> np.ndarray:
@@ -354,7 +355,8 @@ def region_cost(present: np.ndarray) -> np.ndarray:
     present = np.asarray(present, dtype=np.float64)
     copied = present * PAGE_SIZE
     zero_filled = (PMD_PAGES - present) * PAGE_SIZE
-    return copied + zero_filled
+    cost: np.ndarray = copied + zero_filled
+    return cost
 
 
 def benefit_per_byte(
@@ -368,7 +370,8 @@ def benefit_per_byte(
     A full region of a priority-0 target with unknown hotness scores 1.0 (each byte moved
     buys one byte of TLB reach); a region with 128 of 512 pages present scores 0.25.
     """
-    return region_gain(present, priority, hotness, urgent) / region_cost(present)
+    ratio: np.ndarray = region_gain(present, priority, hotness, urgent) / region_cost(present)
+    return ratio
 
 
 def merge_ranges(starts: np.ndarray) -> tuple[tuple[int, int], ...]:
@@ -615,7 +618,7 @@ class Scheduler:
                 if n:
                     self._untouched[c.target] = self._untouched.get(c.target, 0) + n * PMD_SIZE
                 keep &= ~cold
-            if c.mode == "observe":
+            if c.mode == Mode.OBSERVE:
                 n = int(np.count_nonzero(keep))
                 self._observe[c.target] = self._observe.get(c.target, 0) + n * PMD_SIZE
                 continue
@@ -637,7 +640,7 @@ class Scheduler:
             self._queue, (-r.benefit, r.target, r.pid, r.start_time, first, self._seq, r)
         )
         self._queue_bytes += r.bytes
-        heat = dict(heat) if heat else {"unknown": r.bytes}
+        heat = dict(heat) if heat else {Heat.UNKNOWN: r.bytes}
         self._heat[self._seq] = heat
         self._count(r.target, heat, +1)
 
@@ -755,7 +758,7 @@ class Scheduler:
     # ---------------------------------------------------------------- outcomes
 
     def record(self, outcome: Outcome, now: float) -> None:
-        """Charge the budgets and react to what the backend reported (anchors.md 2.4)."""
+        """Charge the budgets and react to what the backend reported (errnos: madvise(2))."""
         r, s = outcome.request, self.settings
         key = (r.pid, r.start_time)
         self._settle(outcome, now)

@@ -45,3 +45,12 @@ def test_unwritable_node_is_reported_not_raised(tmp_path):
     c = Compactor(60.0, sys_root=str(root), clock=Clock())
     assert c.maybe_compact([0]) == []
     assert 0 in c.failed
+
+
+def test_the_kernel_backend_compacts_under_its_sys_root(tmp_path):
+    from memdefragd.backends.kernel.backend import KernelBackend
+
+    root = fake_sys(tmp_path, nodes=(0,))
+    c = KernelBackend(sys_root=str(root)).compactor(60.0)
+    assert c.min_interval == 60.0 and c.maybe_compact() == [0]
+    assert (root / "devices/system/node/node0/compact").read_text() == "1\n"

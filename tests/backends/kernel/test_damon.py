@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memdefragd.backends.kernel.access import DamonSampler
 from memdefragd.backends.kernel.damon import WARMUP, Damon, DamonUnavailable, _boot_id
 from memdefragd.model import PMD_SIZE, ProcessInfo, Vma
-from memdefragd.pipeline.plan.access import DamonSampler
 
 BASE = 1 << 30
 

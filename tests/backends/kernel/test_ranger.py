@@ -2,9 +2,9 @@
 the call loop with a scripted syscall, and the parsers of the kernel's text.
 
 No sample below was recorded from a kernel: this machine runs mainline, which has no
-scan_process_memory. Each sample is built by hand from the format strings quoted in
-/work/shared/reference/translation_ranger.md §1.2 (RFC04 and ISCA@08047bf layouts), except
-the first contiguity line, which is the blog example quoted there verbatim.
+scan_process_memory. Each sample is built by hand from the format strings of RFC04 and of
+the ISCA tree at commit 08047bf (docs/simulator.md, "Sources"), except the first contiguity
+line, which is the example of the author's tutorial (normal.zone, June 2019) verbatim.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def test_contig_scan_joins_a_line_split_across_calls(patched_root, monkeypatch, 
 # ---- the contiguity dump (action 5) --------------------------------------------------------
 
 CONTIG = (
-    # the blog example quoted in translation_ranger.md §1.2
+    # the example in the author's tutorial (normal.zone, June 2019)
     "00000000a8b6e356, 0xffff9b35d7817550, 0x7ffc42439000, 0x7ffc4245a000, -29, 1, 1, 1, 1, -1\n"
     # ineligible VMA: "%p, 0x%lx, 0x%lx, 0x%lx, -1\n"
     "00000000a8b6e356, 0xffff9b35d78176e0, 0x7ffc42500000, 0x7ffc42502000, -1\n"

@@ -9,12 +9,8 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from memdefragd.model import PMD_SIZE, Outcome, ProcessInfo, Request, Vma
-from memdefragd.pipeline.plan.access import (
-    ReferencedSampler,
-    hotness_from_ranges,
-    hotness_from_referenced,
-)
+from memdefragd.model import PMD_SIZE, Outcome, Request
+from memdefragd.pipeline.plan.access import hotness_from_ranges, hotness_from_referenced
 from memdefragd.pipeline.plan.pacing import Pacer, pace_delay
 from memdefragd.pipeline.plan.regress import Forks, HugeMemory
 from memdefragd.pipeline.plan.scheduler import (
@@ -246,38 +242,11 @@ def test_hotness_from_referenced():
     assert hotness_from_referenced(10, 5) == 1.0
 
 
-def test_referenced_sampler_windows(tmp_path):
-    pid = 4242
-    (tmp_path / str(pid)).mkdir()
-    stat = f"{pid} (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0"
-    (tmp_path / str(pid) / "stat").write_text(stat + " 0" * 30 + "\n")
-    (tmp_path / str(pid) / "clear_refs").write_text("")
-    proc = ProcessInfo(pid, "x", (), None, 0, "", 77, 0)
-    t = [0.0]
-    s = ReferencedSampler(str(tmp_path), clock=lambda: t[0], min_window=1.0)
-    s.watch({pid: proc})
-    assert (tmp_path / str(pid) / "clear_refs").read_text() == "1"  # window opened
-    vma = Vma(BASE, BASE + 4 * PMD_SIZE, "rw-p", 0, "00:00", 0, "",
-              MappingProxyType({"Rss": 8 << 20, "Referenced": 2 << 20}))  # fmt: skip
-    pairs = [(vma, regions(0, 1))]
-    t[0] = 0.5
-    assert s.hotness(proc, pairs) is None  # window too short, nothing measured yet
-    t[0] = 2.0
-    (hot,) = s.hotness(proc, pairs)
-    assert hot.tolist() == [0.25, 0.25]
-    assert s.since[pid] == 2.0  # the next window began
-    t[0] = 2.5
-    assert s.hotness(proc, pairs)[0].tolist() == [0.25, 0.25]  # short: the last figures
-    s.watch({})
-    assert pid not in s.since
-
-
 # ------------------------------------------------------------------------------ config
 
 
 def test_duty_cycles_from_the_config():
-    from memdefragd.config import parse_config
-    from memdefragd.daemon.loop import scheduler_settings
+    from memdefragd.config import parse_config, scheduler_settings
 
     cfg = parse_config(
         "daemon: {pacing: {duty_cycle: 10%}}\n"

@@ -1,0 +1,53 @@
+"""What a config asks of the plan stage and of the backend.
+
+Here rather than in pipeline/plan/: the plan stage takes its own `SchedulerSettings` (the
+`defrag` command builds one without any config), so it knows nothing of YAML; the
+translation follows from the declarations (each setting's `plan`, config/schema.py), which
+live here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..model import Method
+from .schema import Config, DaemonSettings
+from .walk import Plan, Setting, settings_of
+
+if TYPE_CHECKING:
+    from ..backends.protocol import Backend
+    from ..pipeline.plan.scheduler import SchedulerSettings
+
+
+def _planned(s: Setting, plan: Plan, settings: DaemonSettings) -> Any:
+    return plan.value(settings) if plan.value is not None else getattr(settings, s.name)
+
+
+def scheduler_settings(config: Config) -> SchedulerSettings:
+    """The scheduler's settings: each setting's daemon-wide value in the field its `plan`
+    names and, for targets with overrides, their own values in its `by_target` field."""
+    from ..pipeline.plan.scheduler import SchedulerSettings
+
+    kw: dict[str, Any] = {}
+    for s in settings_of(DaemonSettings):
+        if s.plan is None:
+            continue
+        kw[s.plan.field] = _planned(s, s.plan, config.daemon)
+        if s.plan.by_target:
+            kw[s.plan.by_target] = {
+                name: _planned(s, s.plan, own) for name, own in config.overrides.items()
+            }
+    return SchedulerSettings(**kw)
+
+
+def methods(config: Config) -> set[Method]:
+    """Every method the config asks for, daemon-wide or for some target."""
+    return {config.daemon.method} | {own.method for own in config.overrides.values()}
+
+
+def check_methods(config: Config, backend: Backend) -> None:
+    """Refuse at start-up (or reload) a method this backend cannot carry out, saying why."""
+    for method in sorted(map(str, methods(config))):  # plain strings: messages quote them
+        reason = backend.refusal(method)
+        if reason is not None:
+            raise SystemExit(f"memdefragd: method {method!r}: {reason}")

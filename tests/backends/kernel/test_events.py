@@ -1,0 +1,189 @@
+"""The kernel backend's process events without a kernel: proc connector messages as
+events, and the ProcEvents reader driven by a fake socket (moved from
+tests/pipeline/test_discover.py with the reader)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.backends.kernel.events import (
+    KTHREADD_PID,
+    PROC_EVENT_COMM,
+    PROC_EVENT_EXEC,
+    PROC_EVENT_EXIT,
+    PROC_EVENT_FORK,
+    PROC_EVENT_NONE,
+    PROC_EVENT_UID,
+    ProcEvents,
+    namespace_problem,
+    translate,
+)
+from tests.pipeline.test_discover import REDIS, FakeBackend, discovery, proc
+
+
+def fork(parent, child_pid, child_tgid):
+    return {"what": PROC_EVENT_FORK, "parent_pid": parent, "parent_tgid": parent,
+            "child_pid": child_pid, "child_tgid": child_tgid}  # fmt: skip
+
+
+def pev(what, pid, tgid, **kw):
+    return {"what": what, "process_pid": pid, "process_tgid": tgid, **kw}
+
+
+@pytest.mark.parametrize(
+    ("msg", "event"),
+    [
+        (fork(100, 200, 200), ("fork", 200)),
+        (fork(100, 201, 100), None),  # a new thread
+        (fork(KTHREADD_PID, 300, 300), None),  # a kernel thread
+        (pev(PROC_EVENT_EXEC, 50, 50), ("exec", 50)),
+        (pev(PROC_EVENT_EXIT, 50, 50, exit_code=0), ("exit", 50)),
+        (pev(PROC_EVENT_EXIT, 51, 50, exit_code=0), None),  # a thread exits
+        (pev(PROC_EVENT_COMM, 50, 50, comm="x"), ("comm", 50)),
+        (pev(PROC_EVENT_COMM, 51, 50, comm="x"), None),  # a thread renamed
+        (pev(PROC_EVENT_UID, 50, 50, ruid=1, euid=1), ("uid", 50)),
+        ({"what": PROC_EVENT_NONE}, None),  # the subscription's ack
+        ({"what": 0x40000000, "process_pid": 5, "process_tgid": 5}, None),  # coredump
+    ],
+)
+def test_translate(msg, event):
+    assert translate(msg) == event
+
+
+# ---------------------------------------------------------------- ProcEvents with fakes
+
+
+class FakeSocket:
+    """Serves scripted batches; an exception in the script is raised from get()."""
+
+    def __init__(self, script, log):
+        self.script = list(script)
+        self.log = log
+        self.closed = False
+        self.thread = threading.get_ident()
+        log.append(("open", self.thread))
+
+    def get(self):
+        assert threading.get_ident() == self.thread, "read from another thread"
+        if not self.script:
+            time.sleep(0.005)
+            return []
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.log.append(("close", threading.get_ident() == self.thread))
+        self.closed = True
+
+
+def collect(ev, n, timeout=5.0):
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        out += ev.wait(0.05)
+    return out
+
+
+def test_proc_events_translate_recover_and_stop():
+    log = []
+    scripts = [
+        [[fork(1, 10, 10), pev(PROC_EVENT_EXEC, 10, 10)], OSError(105, "No buffer space")],
+        [[pev(PROC_EVENT_EXIT, 10, 10)]],
+    ]
+    ev = ProcEvents(backoff=(0.01, 0.05), socket_factory=lambda: FakeSocket(scripts.pop(0), log))
+    assert ev.start()  # (available, briefly: this socket fails at once)
+    events = collect(ev, 6)
+    assert events == [
+        ("forked", (1, 10)),  # the parent's pid, for fork-aware re-collapse
+        ("fork", 10),
+        ("exec", 10),
+        ("lost", "OSError: [Errno 105] No buffer space"),
+        ("lost", "resubscribed"),
+        ("exit", 10),
+    ]
+    assert ev.counters == {"events": 3, "lost": 1, "resubscribed": 1}
+    assert ev.stop(timeout=2.0) and not ev.running and not ev.available
+    opened = [x for x in log if x[0] == "open"]
+    closed = [x for x in log if x[0] == "close"]
+    assert len(opened) == len(closed) == 2
+    assert all(same_thread for _, same_thread in closed)  # closed where created
+    assert opened[0][1] != threading.get_ident()  # not in the caller's thread
+
+
+def test_proc_events_unavailable_at_start(caplog):
+    def refuse():
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    ev = ProcEvents(socket_factory=refuse)
+    with caplog.at_level("WARNING", logger="memdefragd.backends.kernel.events"):
+        assert ev.start() is False
+    assert not ev.available and "Connection refused" in ev.error
+    assert sum("proc events unavailable" in r.getMessage() for r in caplog.records) == 1
+    assert ev.wait(0) == []
+    assert ev.stop(timeout=1.0)
+    # Discovery runs on it by listing.
+    b = FakeBackend(proc(4, "redis"))
+    d, _ = discovery(b, [REDIS], ev)
+    assert dict(d.poll(0).added) == {4: "redis"}
+
+
+def test_proc_events_resubscribe_retries_with_backoff():
+    log, attempts = [], []
+
+    def factory():
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            return FakeSocket([RuntimeError("boom")], log)
+        if len(attempts) < 4:
+            raise OSError(111, "refused for now")
+        return FakeSocket([[pev(PROC_EVENT_EXEC, 3, 3)]], log)
+
+    ev = ProcEvents(backoff=(0.01, 0.04), socket_factory=factory)
+    assert ev.start()
+    events = collect(ev, 3)
+    assert events == [("lost", "RuntimeError: boom"), ("lost", "resubscribed"), ("exec", 3)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert [g >= d * 0.99 for g, d in zip(gaps, (0.01, 0.02, 0.04), strict=True)] == [True] * 3
+    assert ev.stop(timeout=2.0)
+
+
+def test_proc_events_queue_overflow_is_a_lost_event(monkeypatch):
+    import memdefragd.backends.kernel.events as mod
+
+    monkeypatch.setattr(mod, "_MAX_QUEUE", 3)
+    batch = [pev(PROC_EVENT_EXEC, p, p) for p in range(10, 20)]
+    ev = ProcEvents(socket_factory=lambda: FakeSocket([batch], []))
+    assert ev.start()
+    deadline = time.monotonic() + 5
+    while ev.counters["events"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ev.wait(0) == [("exec", 10), ("exec", 11), ("exec", 12), ("lost", "event queue full")]
+    assert ev.stop(timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("nspid", "uid_map", "problem"),
+    [
+        ("NSpid:\t4242\n", "         0          0 4294967295\n", None),
+        ("NSpid:\t4242\t7\n", "         0          0 4294967295\n", "nested PID namespace"),
+        ("NSpid:\t4242\n", "         0     100000      65536\n", "user namespace"),
+    ],
+)
+def test_namespace_problem(tmp_path, nspid, uid_map, problem):
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self/status").write_text(f"Name:\tpython\n{nspid}Uid:\t0\t0\t0\t0\n")
+    (tmp_path / "self/uid_map").write_text(uid_map)
+    found = namespace_problem(str(tmp_path))
+    assert found is None if problem is None else problem in found
+    assert "cannot read" in namespace_problem(str(tmp_path / "missing"))
+
+
+def test_the_kernel_backend_hands_out_an_unstarted_reader():
+    ev = KernelBackend().process_events()
+    assert isinstance(ev, ProcEvents) and not ev.running and not ev.available

@@ -1,0 +1,2 @@
+"""Programs for the tests and the benchmarks (run or imported by them); memdefragd never
+imports them."""
