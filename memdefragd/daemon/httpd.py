@@ -297,7 +297,7 @@ class HttpServer:
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         # Such as accept() failing with EMFILE (asyncio then pauses accepting for a second).
-        from .logs import once as log_once
+        from ..logonce import once as log_once
 
         message = str(context.get("message", "error"))
         exc = context.get("exception")

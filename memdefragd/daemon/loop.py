@@ -33,6 +33,7 @@ from ..backends.protocol import (
     process_events,
 )
 from ..config import Config, check_methods, load_config, scheduler_settings
+from ..logonce import once as log_once
 from ..model import PMD_SIZE, AccessDenied, MemoryState, Outcome, ProcessGone, Request
 from ..pipeline.discover import Changes, Discovery, Tracked
 from ..pipeline.plan.access import FIRST_WINDOW, open_sampler
@@ -47,7 +48,6 @@ from ..pipeline.scan import (
     worth_collapsing,
 )
 from ..pipeline.verify import Verified, verify
-from .logs import once as log_once
 from .metrics import Endpoint, Metrics, Snapshot, cannot_serve, total
 from .state import Process
 from .systemd import Notifier, Watchdog, watchdog_interval

@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from ..backends.protocol import Backend, Event, EventSource, Handle
-from ..daemon.logs import once as log_once
+from ..logonce import once as log_once
 from ..model import AccessDenied, ProcessGone, ProcessInfo
 from .targets import Target, select
 

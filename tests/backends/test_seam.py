@@ -52,6 +52,19 @@ def test_daemon_and_pipeline_import_no_backend_module(part):
     assert not leaks
 
 
+@pytest.mark.parametrize("part", ["pipeline", "backends", "config"])
+def test_data_flows_one_way_nothing_below_the_daemon_imports_it(part):
+    """The pipeline, the backends and the config serve the daemon and the commands; they
+    never import them back (which would make the stages untestable on their own)."""
+    leaks = {
+        f"{f.relative_to(REPO)}: {name}"
+        for f in sorted((PACKAGE / part).rglob("*.py"))
+        for name in imported(f)
+        if name.startswith(("memdefragd.daemon", "memdefragd.commands", "memdefragd.cli"))
+    }
+    assert not leaks
+
+
 def test_the_walk_sees_relative_imports():
     assert "memdefragd.backends.protocol.Backend" in imported(PACKAGE / "pipeline/scan.py")
 

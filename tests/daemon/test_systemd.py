@@ -17,9 +17,11 @@ import uuid
 
 import pytest
 
-from memdefragd.daemon import logs, systemd
-from memdefragd.daemon.logs import OnceMemory, once, setup_logging
+from memdefragd import logonce
+from memdefragd.daemon import systemd
+from memdefragd.daemon.logs import setup_logging
 from memdefragd.daemon.systemd import Notifier, Watchdog, watchdog_interval
+from memdefragd.logonce import OnceMemory, once
 
 # --- sd_notify ---------------------------------------------------------------------------------
 
@@ -402,4 +404,4 @@ def test_module_once_reports_the_caller(caplog):
     assert record.getMessage() == "race on pid 9"
     assert record.detail == 9
     assert record.funcName == "test_module_once_reports_the_caller"
-    assert logs.ONCE_MAX_KEYS >= 1
+    assert logonce.ONCE_MAX_KEYS >= 1
