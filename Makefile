@@ -15,7 +15,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linu
 # (systemd-container and debootstrap: the end-to-end test of the systemd unit boots a
 # container with systemd-nspawn, in tests/deploy/)
 
-.PHONY: run test lint typecheck setup system-deps promtool clean install uninstall
+.PHONY: run test lint typecheck setup system-deps promtool clean install uninstall vm-deps vm-fetch vm-test
 
 run: setup
 	$(BIN)/memdefragd run --config $(CONFIG)
@@ -72,6 +72,27 @@ promtool:
 	  && mv $$dl/usr/bin/promtool $(PROMTOOL_DIR)/promtool; then \
 	  rm -rf $$dl; echo "promtool: $$($(PROMTOOL_DIR)/promtool --version 2>&1 | head -n1)"; \
 	else echo "note: could not extract usr/bin/promtool from $$deb: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; fi
+
+# ---------------------------------------------------------------- kernels in guests
+# make vm-test [KERNELS="6.1 6.12"] [VM_TESTS=tests/kernel] [VM_ARGS=...]: the real-kernel
+# tests in QEMU guests (software emulation) of Debian's own kernels, the host root read-only
+# over 9p (tests/vm/, README "Kernels"). The kernels and busybox-static come from apt
+# (`apt-get download`, checked against the SHA256 that apt's signed index gives) into
+# $(VM_CACHE), outside the checkout; `make vm-fetch` only downloads and builds the initramfs.
+VM_APT_PACKAGES := qemu-system-x86
+KERNELS ?= 6.1 6.12
+VM_TESTS ?= tests/kernel
+VM_CACHE ?= /var/cache/memdefragd-vm
+VM_ARGS ?=
+
+vm-deps:
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES='$(VM_APT_PACKAGES)'
+
+vm-fetch: setup vm-deps
+	$(BIN)/python -m tests.vm fetch --cache $(VM_CACHE) $(KERNELS)
+
+vm-test: vm-fetch
+	$(BIN)/python -m tests.vm run --cache $(VM_CACHE) $(VM_ARGS) $(KERNELS) -- $(VM_TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

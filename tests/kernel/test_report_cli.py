@@ -96,9 +96,10 @@ def test_vanished_pid_is_skipped_with_exit_status_1(spawn):
 
 
 def test_name_and_min_rss_filters_and_watch(spawn):
-    small = spawn(2 * MiB, comm="mdd-small")
-    big = spawn(64 * MiB, comm="mdd-big")
-    args = ("--name", "^mdd-", "--min-rss", "32M", "--json", "--watch", "0.2")
+    tag = os.urandom(2).hex()  # only this test's children match, whatever else runs
+    small = spawn(2 * MiB, comm=f"mdd-small-{tag}")
+    big = spawn(64 * MiB, comm=f"mdd-big-{tag}")
+    args = ("--name", f"^mdd-.*-{tag}$", "--min-rss", "32M", "--json", "--watch", "0.2")
     p = subprocess.Popen(
         [sys.executable, "-m", "memdefragd.cli", "report", *args],
         stdout=subprocess.PIPE, text=True,
