@@ -36,17 +36,10 @@ from ..config import Config, check_methods, load_config, scheduler_settings
 from ..logonce import once as log_once
 from ..model import PMD_SIZE, AccessDenied, MemoryState, Outcome, ProcessGone, Request
 from ..pipeline.discover import Changes, Discovery, Tracked
-from ..pipeline.plan.access import FIRST_WINDOW, open_sampler
-from ..pipeline.plan.candidates import scan_candidates
-from ..pipeline.plan.regress import Forks, HugeMemory
-from ..pipeline.plan.scheduler import Candidate, Scheduler, pause_kinds
-from ..pipeline.scan import (
-    ProcessReport,
-    collapsible_regions,
-    huge_and_collapsible,
-    scan_process,
-    worth_collapsing,
-)
+from ..pipeline.plan.access import Windows, by_vma, open_sampler, sampled_regions
+from ..pipeline.plan.regress import Forks, HugeMemory, split_again
+from ..pipeline.plan.scheduler import Candidate, Reaction, Scheduler, pause_kinds, reaction
+from ..pipeline.scan import ProcessReport, huge_and_collapsible, scan_process, worth_collapsing
 from ..pipeline.verify import Verified, verify
 from .metrics import Endpoint, Metrics, Snapshot, cannot_serve, total
 from .state import Process
@@ -184,10 +177,7 @@ class Daemon:
             self._reload.clear()
             self.reload()
         now = self.clock()
-        for pid, p in self.procs.items():
-            if p.measure_at is not None and p.measure_at <= now:  # access figures due
-                p.measure_at = None
-                self._dirty.add(pid)
+        self._dirty |= {pid for pid, p in self.procs.items() if p.due(now)}  # access figures
         if now >= self._next_scan or self._dirty:
             full = now >= self._next_scan
             self.scan_cycle(full=full)
@@ -221,25 +211,22 @@ class Daemon:
         """Forks of tracked processes: hold parent and child back while they share memory
         copy-on-write; when the child is gone, re-scan the parent now (its split regions
         come back urgent, see scan_one)."""
-        now = self.clock()
-        for child, parent in changes.forked.items():
-            tracked = self.discovery.tracked.get(parent)
-            if tracked is None:
-                continue
-            cov = self.procs[parent].coverage if parent in self.procs else None
-            self.forks.fork(parent, child, tracked.target.name, now, cov)
-            self.metrics.forks.labels(tracked.target.name).inc()
+        tracked, procs = self.discovery.tracked, self.procs
+        forked, rescan = self.forks.seen(
+            changes, self.clock(),
+            target_of=lambda pid: None if (t := tracked.get(pid)) is None else t.target.name,
+            coverage_of=lambda pid: None if (p := procs.get(pid)) is None else p.coverage,
+        )  # fmt: skip
+        for parent, child, target, cov in forked:
+            self.metrics.forks.labels(target).inc()
             log.info(
                 "pid %d (%s) forked pid %d: holding both back while they share memory "
                 "copy-on-write (THP coverage %s before)",
-                parent, tracked.target.name, child, "unknown" if cov is None else f"{cov:.0%}",
+                parent, target, child, "unknown" if cov is None else f"{cov:.0%}",
             )  # fmt: skip
-        for child in changes.execd:
-            self.forks.execd(child)
-        for child, parent in changes.fork_exited.items():
-            if self.forks.exited(child, now) is not None and parent in self.discovery.tracked:
-                log.info("pid %d's fork child %d exited: re-scanning it", parent, child)
-                self._dirty.add(parent)
+        for parent, child in rescan:
+            log.info("pid %d's fork child %d exited: re-scanning it", parent, child)
+            self._dirty.add(parent)
 
     def ping(self) -> None:
         now = self.clock()
@@ -354,23 +341,17 @@ class Daemon:
     def regressions(self, tracked: Tracked, rep: ProcessReport) -> None:
         """Regions seen huge before and collapsible now go first (`Process.urgent`)."""
         pid, target, proc = tracked.proc.pid, tracked.target.name, self.procs[tracked.proc.pid]
-        huge, coll = huge_and_collapsible(rep)
-        split = self.huge.scanned(pid, huge, coll)
-        before, proc.urgent = proc.urgent, coll[split]
-        new = int(np.count_nonzero(~np.isin(proc.urgent, before)))
-        cov = rep.totals.thp_coverage
-        if new:
-            cause = "fork" if self.forks.forking(pid) else "drop"
-            self.metrics.regressions.labels(target, cause).inc()
+        split = split_again(self.huge, self.forks, pid, *huge_and_collapsible(rep), proc.urgent)
+        proc.urgent, cov = split.urgent, rep.totals.thp_coverage
+        if split.new:
+            self.metrics.regressions.labels(target, split.cause).inc()
             log.info(
                 "pid %d (%s): %d MiB that were huge are split again (%s; THP coverage now "
                 "%s): re-queued first",
-                pid, target, new * PMD_SIZE >> 20,
-                "after a fork" if cause == "fork" else "coverage fell",
+                pid, target, split.new * PMD_SIZE >> 20,
+                "after a fork" if split.cause == "fork" else "coverage fell",
                 "unknown" if cov is None else f"{cov:.0%}",
             )  # fmt: skip
-        elif pid in self.forks.restoring and not proc.urgent.size:
-            del self.forks.restoring[pid]  # the fork split nothing: nothing to restore
         self.restored(pid, cov)
 
     def restored(self, pid: int, cov: float | None) -> None:
@@ -383,27 +364,16 @@ class Daemon:
 
     def measure(self, tracked: Tracked, rep: ProcessReport) -> None:
         """This scan's access figures (hotness per region), if a window has ended."""
-        pid, proc = tracked.proc.pid, self.procs[tracked.proc.pid]
-        pairs = [(v.vma, collapsible_regions(v.metrics)) for v in rep.vmas]
+        pairs = sampled_regions(rep)
         try:
             hot = self.access.hotness(tracked.proc, pairs)  # type: ignore[union-attr]
         except (ProcessGone, AccessDenied):
             return
-        if hot is None:
-            now = self.clock()
-            proc.waiting = now if proc.waiting is None else proc.waiting
-            window = min(FIRST_WINDOW, self.config.daemon.scan_interval)
-            if proc.hotness is not None:
-                return  # keeps its last figures
-            if now - proc.waiting > 3 * window + self.config.daemon.scan_interval:
-                proc.hotness = {}  # no figures coming (a refusal): rank it unmeasured
-                log.info("pid %d (%s): no access figures, working on it without them",
-                         pid, tracked.target.name)  # fmt: skip
-            elif proc.measure_at is None:
-                proc.measure_at = now + window
-            return
-        proc.waiting = None
-        proc.hotness = {v.start: h for (v, _), h in zip(pairs, hot, strict=True)}
+        figures = None if hot is None else by_vma(pairs, hot)
+        windows = Windows(self.config.daemon.scan_interval)
+        if self.procs[tracked.proc.pid].measured(figures, self.clock(), windows):
+            log.info("pid %d (%s): no access figures, working on it without them",
+                     tracked.proc.pid, tracked.target.name)  # fmt: skip
 
     def candidates(self) -> list[Candidate]:
         """What the last scans offer the plan, but for processes held back by a fork and
@@ -412,14 +382,10 @@ class Daemon:
         now = self.clock()
         for pid, p in self.procs.items():
             tracked = self.discovery.tracked.get(pid)
-            if p.report is None or tracked is None or self.forks.held(pid, now):
-                continue
-            if self.access is not None and p.hotness is None and not p.urgent.size:
+            if tracked is None or self.forks.held(pid, now):
                 continue
             target = replace(tracked.target, mode="observe") if self.dry_run else tracked.target
-            out += scan_candidates(
-                target, tracked.proc, p.report, hotness=p.hotness, urgent=p.urgent, tried=p.tried
-            )
+            out += p.candidates(target, tracked.proc, measuring=self.access is not None)
         return out
 
     def update_pressure(self, state: MemoryState | None = None) -> None:
@@ -480,11 +446,9 @@ class Daemon:
             self.metrics.recollapsed.labels(target).inc(mended * PMD_SIZE)
         if pid in self.forks.restoring:
             self.restored(pid, proc.coverage)
-        if self.scheduler.settings.duty_for(target) is None:
-            return None
-        pace = self.scheduler.pacer.paces.get(target)
-        rest = pace.last_delay if pace is not None else 0.0
-        self.metrics.pacing.labels(target).observe(rest)
+        rest = self.scheduler.rest(target)
+        if rest is not None:
+            self.metrics.pacing.labels(target).observe(rest)
         return rest
 
     def method_for(self, target: str) -> str:
@@ -503,18 +467,15 @@ class Daemon:
             "" if not outcome.failures else f", failures {dict(outcome.failures)}",
             "" if rest is None else f", pace {rest * 1e3:.0f} ms",
         )  # fmt: skip
-        if outcome.stopped in ("ESRCH",):
+        react = reaction(outcome.stopped, compaction=self.config.daemon.compaction)
+        if react is Reaction.FORGET:
             self.metrics.races.labels("exited").inc()
             self.forget(req.pid)
-        elif outcome.stopped == "EPERM":
+        elif react is Reaction.DENIED:
             log_once(log, ("EPERM", req.pid), logging.WARNING,
                  "not allowed to collapse pid %d: memdefragd needs CAP_SYS_NICE and ptrace "
                  "access to it (run as root)", req.pid)  # fmt: skip
-        elif (
-            outcome.stopped == "ENOMEM"
-            and self.config.daemon.compaction
-            and self.compactor is not None
-        ):
+        elif react is Reaction.COMPACT and self.compactor is not None:
             for node in self.compactor.maybe_compact():
                 log.info("asked the kernel to compact node %d (no free 2 MiB block)", node)
 

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram, ProcessCollector
@@ -131,124 +132,138 @@ def pause_reason_label(reason: str | None) -> str:
 # ---------------------------------------------------------------- events
 
 
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class _Group:
+    """The live metrics of one scrape group (GROUPS), in the order they are declared."""
+
+    def __init__(self) -> None:
+        self.members: list[MetricWrapperBase] = []
+
+    def counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return self._add(Counter(f"{NS}_{name}", doc, labels, registry=None))
+
+    def histogram(self, name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
+        return self._add(Histogram(f"{NS}_{name}", doc, labels, registry=None, buckets=buckets))
+
+    def gauge(self, name: str, doc: str, *labels: str) -> Gauge:
+        return self._add(Gauge(f"{NS}_{name}", doc, labels, registry=None))
+
+    def _add(self, metric: _M) -> _M:
+        self.members.append(metric)
+        return metric
+
+
+# Families of one shape: bytes of work by (target, method), as (name, help).
+WORK_BYTES = (
+    ("attempted_bytes", "Bytes of regions sent to the backend."),
+    ("done_bytes", "Bytes the backend reported defragmented."),
+    ("verified_bytes", "Bytes found huge by re-reading after a request."),
+)
+
+
 class Metrics:
     """One daemon's metrics: what it counts as things happen, and its registry, which
     also serves the gauges of the latest snapshot (`source`) and the process's own cost
     (process_cpu_seconds_total, resident memory)."""
 
     def __init__(self, source: Callable[[], Snapshot | None] = lambda: None):
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(f"{NS}_{name}", doc, labels, registry=None)
+        groups = {name: _Group() for name in ("work", "state", "persistence", "discovery")}
+        self._work(groups["work"])
+        self._state(groups["state"])
+        self._persistence(groups["persistence"])
+        self._discovery(groups["discovery"])
+        self._counted_races: dict[str, int] = {}
+        self._sha256: str | None = None
+        self.registry = CollectorRegistry()
+        live = {name: g.members for name, g in groups.items()}
+        self.registry.register(GroupCollector(source, live))
+        ProcessCollector(registry=self.registry)
 
-        def histogram(name: str, doc: str, buckets: Sequence[float], *labels: str) -> Histogram:
-            return Histogram(f"{NS}_{name}", doc, labels, registry=None, buckets=buckets)
-
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(f"{NS}_{name}", doc, labels, registry=None)
-
-        # Work, by (target, method[, result or reason]): an alert can name the target that fails.
-        self.requests = counter(
+    def _work(self, g: _Group) -> None:
+        """Work, by (target, method[, result or reason]): an alert can name the target
+        that fails."""
+        self.requests = g.counter(
             "requests", "Defrag requests carried out, by target, method and result.",
             "target", "method", "result",
         )  # fmt: skip
-        self.attempted = counter(
-            "attempted_bytes", "Bytes of regions sent to the backend.", "target", "method"
+        self.attempted, self.done, self.verified = (
+            g.counter(name, doc, "target", "method") for name, doc in WORK_BYTES
         )
-        self.done = counter(
-            "done_bytes", "Bytes the backend reported defragmented.", "target", "method"
-        )
-        self.verified = counter(
-            "verified_bytes", "Bytes found huge by re-reading after a request.", "target", "method"
-        )
-        self.failures = counter(
+        self.failures = g.counter(
             "failures",
             "2 MiB regions that failed, by target, method and reason (errno name, or "
             "Translation Ranger's failure category).",
             "target", "method", "reason",
         )  # fmt: skip
-        self.request_seconds = histogram(
-            "request_duration_seconds", "Time in the kernel per request.", REQUEST_BUCKETS,
-            "method",
-        )  # fmt: skip
-        self.scan_seconds = histogram(
+        self.request_seconds = g.histogram(
+            "request_duration_seconds", "Time in the kernel per request.", REQUEST_BUCKETS, "method"
+        )
+        self.scan_seconds = g.histogram(
             "scan_duration_seconds", "Time to scan one process.", SCAN_BUCKETS
         )
-        self.scanned_pages = counter("scanned_pages", "Present pages scanned.")
-        self.races = counter(
+        self.scanned_pages = g.counter("scanned_pages", "Present pages scanned.")
+        self.races = g.counter(
             "races", "Processes that exited or refused access mid-work, by kind.", "kind"
         )
-        self.errors = counter(
+        self.errors = g.counter(
             "errors", "Unexpected errors the daemon carried on after, by type.", "kind"
         )
-        # The daemon itself.
-        self.reloads = counter("config_reloads", "Config reloads, by result.", "result")
-        for result in ("ok", "failed"):  # both always there
-            self.reloads.labels(result)
-        self.config_info = gauge("config_info", "The loaded config.", "sha256")
-        self.build_info = gauge("build_info", "memdefragd's version.", "version")
-        self.build_info.labels(__version__).set(1)
-        self.scan_interval = gauge(
+
+    def _state(self, g: _Group) -> None:
+        """The daemon itself."""
+        self.reloads = g.counter("config_reloads", "Config reloads, by result.", "result")
+        self.config_info = g.gauge("config_info", "The loaded config.", "sha256")
+        self.build_info = g.gauge("build_info", "memdefragd's version.", "version")
+        self.scan_interval = g.gauge(
             "scan_interval_seconds", "The configured time between full scan cycles."
         )
-        self.last_cycle = gauge(
+        self.last_cycle = g.gauge(
             "last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle."
         )
-        # Gentle and persistent, by target: forks seen, regressions (cause: fork or drop),
-        # bytes made huge again, fork child exit -> coverage restored, rests between requests.
-        self.forks = counter(
+        for result in ("ok", "failed"):  # both always there
+            self.reloads.labels(result)
+        self.build_info.labels(__version__).set(1)
+
+    def _persistence(self, g: _Group) -> None:
+        """Gentle and persistent, by target: forks seen, regressions (cause: fork or drop),
+        bytes made huge again, fork child exit -> coverage restored, rests between requests."""
+        self.forks = g.counter(
             "forks", "Forks of tracked processes (their huge pages may split by copy-on-write).",
             "target",
         )  # fmt: skip
-        self.regressions = counter(
+        self.regressions = g.counter(
             "regressions",
             "Times huge regions of a process were found split again, by cause (fork: after a "
             "fork child exited; drop: coverage fell otherwise).",
             "target", "cause",
         )  # fmt: skip
-        self.recollapsed = counter(
+        self.recollapsed = g.counter(
             "recollapsed_bytes", "Bytes made huge again after they had been split.", "target"
         )
-        self.fork_restore = histogram(
+        self.fork_restore = g.histogram(
             "fork_restore_seconds",
             "From a fork child's exit to its parent's THP coverage being restored.",
             RESTORE_BUCKETS, "target",
         )  # fmt: skip
-        self.pacing = histogram(
+        self.pacing = g.histogram(
             "pacing_delay_seconds",
             "Rest imposed on a latency-sensitive target after each request.",
             PACING_BUCKETS, "target",
         )  # fmt: skip
-        # Discovery (issue 11): what listing and matching every process costs, and finds.
-        self.discovery_seconds = histogram(
+
+    def _discovery(self, g: _Group) -> None:
+        """Discovery (issue 11): what listing and matching every process costs, and finds."""
+        self.discovery_seconds = g.histogram(
             "discovery_duration_seconds",
             "Time to list every process and match it against the targets (one rescan).",
             DISCOVERY_BUCKETS,
         )
-        self.listed = gauge(
+        self.listed = g.gauge(
             "discovery_listed_processes", "Processes the last complete rescan read."
         )
-        self.tracked = gauge("discovery_tracked_processes", "Processes the targets claim now.")
-        self._counted_races: dict[str, int] = {}
-        self._sha256: str | None = None
-
-        live: dict[str, tuple[MetricWrapperBase, ...]] = {
-            "work": (
-                self.requests, self.attempted, self.done, self.verified, self.failures,
-                self.request_seconds, self.scan_seconds, self.scanned_pages, self.races,
-                self.errors,
-            ),
-            "state": (
-                self.reloads, self.config_info, self.build_info, self.scan_interval,
-                self.last_cycle,
-            ),
-            "persistence": (
-                self.forks, self.regressions, self.recollapsed, self.fork_restore, self.pacing,
-            ),
-            "discovery": (self.discovery_seconds, self.listed, self.tracked),
-        }  # fmt: skip
-        self.registry = CollectorRegistry()
-        self.registry.register(GroupCollector(source, live))
-        ProcessCollector(registry=self.registry)
+        self.tracked = g.gauge("discovery_tracked_processes", "Processes the targets claim now.")
 
     def record(self, outcome: Outcome, verified: int) -> None:
         """A request carried out, and the bytes its verification found huge."""

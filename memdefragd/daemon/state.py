@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import PMD_SIZE, Request
+from ..model import PMD_SIZE, ProcessInfo, Request
+from ..pipeline.plan.access import Windows
+from ..pipeline.plan.candidates import scan_candidates
+from ..pipeline.plan.scheduler import Candidate
 from ..pipeline.scan import ProcessReport
 from ..pipeline.score import thp_coverage
+from ..pipeline.targets import Target
 
 
 def _no_regions() -> np.ndarray:
@@ -51,6 +55,41 @@ class Process:
         mended = np.isin(self.urgent, huge)
         self.urgent = self.urgent[~mended]
         return int(np.count_nonzero(mended))
+
+    def measured(self, hotness: dict[int, np.ndarray] | None, now: float, windows: Windows) -> bool:
+        """Book a scan's access figures (None: no window has ended for it). Without any,
+        it keeps its last figures, or waits: its scan is due when its first window ends,
+        unless it has waited past `windows.patience`, when it is worked on unmeasured.
+        True at that moment (the caller says so, once)."""
+        if hotness is not None:
+            self.waiting, self.hotness = None, hotness
+            return False
+        self.waiting = now if self.waiting is None else self.waiting
+        if self.hotness is not None:
+            return False  # keeps its last figures
+        if windows.given_up(self.waiting, now):
+            self.hotness = {}  # no figures coming (a refusal): rank it unmeasured
+            return True
+        if self.measure_at is None:
+            self.measure_at = now + windows.first
+        return False
+
+    def due(self, now: float) -> bool:
+        """Its first access window has ended: scan it now (True once)."""
+        if self.measure_at is None or self.measure_at > now:
+            return False
+        self.measure_at = None
+        return True
+
+    def candidates(self, target: Target, proc: ProcessInfo, *, measuring: bool) -> list[Candidate]:
+        """What its last scan offers the plan: nothing before a scan, nor while access is
+        `measuring` and its figures have not come (no collapsing blind), unless regions
+        are urgent (split again since they were huge: they need no figures)."""
+        if self.report is None or (measuring and self.hotness is None and not self.urgent.size):
+            return []
+        return scan_candidates(
+            target, proc, self.report, hotness=self.hotness, urgent=self.urgent, tried=self.tried
+        )
 
     @property
     def coverage(self) -> float | None:

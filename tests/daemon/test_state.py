@@ -1,4 +1,5 @@
-"""One record per tracked process: what a scan resets, what a request books."""
+"""One record per tracked process: what a scan resets, what a request books, when its
+access figures are due, and what it offers the plan."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from dataclasses import replace
 
 import numpy as np
 
+from memdefragd.backends.sim.backend import SimBackend
+from memdefragd.backends.sim.machine import Machine
 from memdefragd.daemon.state import Process
-from memdefragd.model import PMD_SIZE, ProcessInfo, Request
-from memdefragd.pipeline.scan import ProcessReport
+from memdefragd.model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, ProcessInfo, Request
+from memdefragd.pipeline.plan.access import Windows
+from memdefragd.pipeline.scan import ProcessReport, scan_process
 from memdefragd.pipeline.score import rollup
+from memdefragd.pipeline.targets import Target
 
 
 def report(pid: int = 7) -> ProcessReport:
@@ -32,3 +37,43 @@ def test_a_request_books_what_it_sent_and_made_huge_until_the_next_scan():
     p.scanned(report())
     assert (p.tried, p.made_huge) == (set(), 0)
     np.testing.assert_array_equal(p.urgent, [0])  # until the scan's regressions say otherwise
+
+
+def test_access_figures_are_awaited_then_due_then_given_up():
+    w = Windows(scan_interval=30.0)  # first window 5 s, patience 45 s
+    p = Process()
+    assert not p.measured(None, 100.0, w) and p.measure_at == 100.0 + w.first
+    assert not p.due(104.0) and p.due(105.0) and not p.due(105.0)  # due once
+    assert not p.measured(None, 105.0, w)  # still nothing: due again a window later
+    assert (p.measure_at, p.waiting, p.hotness) == (110.0, 100.0, None)
+    assert p.due(110.0)
+    assert p.measured(None, 145.5, w)  # past patience: worked on without figures (said once)
+    assert p.hotness == {} and not p.measured(None, 200.0, w)
+    hot = {0: np.array([0.5])}
+    assert not p.measured(hot, 201.0, w)
+    assert (p.hotness, p.waiting) == (hot, None)
+    assert not p.measured(None, 300.0, w) and p.hotness is hot  # keeps its last figures
+    assert p.measure_at is None
+
+
+def test_candidates_wait_for_a_scan_and_for_access_figures_unless_urgent():
+    m = Machine(4096)
+    sim = m.add_process("app")
+    vma = m.mmap(sim.pid, 2 * PMD_PAGES)
+    m.fault_at(sim.pid, np.arange(vma.start_vpn, vma.end_vpn), np.arange(512, 1536) * 2)
+    backend = SimBackend(m)
+    proc = backend.process(sim.pid)
+    base = vma.start_vpn * PAGE_SIZE
+    p = Process()
+    assert p.candidates(Target("t"), proc, measuring=False) == []  # not scanned yet
+    p.scanned(scan_process(backend, proc, collect=True))
+    (c,) = p.candidates(Target("t"), proc, measuring=False)  # no sampler: no wait
+    assert c.regions.tolist() == [base, base + PMD_SIZE] and c.hotness is None
+    assert p.candidates(Target("t"), proc, measuring=True) == []  # no collapsing blind
+    p.urgent = np.array([base + PMD_SIZE], np.uint64)  # split again: no figures needed
+    (c,) = p.candidates(Target("t"), proc, measuring=True)
+    assert c.urgent.tolist() == [False, True]
+    p.urgent, p.hotness = np.zeros(0, np.uint64), {base: np.array([0.25, 1.0])}
+    p.tried.add(base)  # sent since the scan: not offered again
+    (c,) = p.candidates(Target("t"), proc, measuring=True)
+    assert (c.regions.tolist(), c.hotness.tolist()) == ([base + PMD_SIZE], [1.0])

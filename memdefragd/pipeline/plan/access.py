@@ -8,17 +8,59 @@ region, or clear_refs + smaps' Referenced per VMA where DAMON is unusable. This 
 holds what is pure: hotness from either kind of sample.
 
 Until a process has been watched for one window its hotness is unknown (None); the daemon
-holds such a process's work back rather than collapsing blind (`Daemon.candidates`).
+holds such a process's work back rather than collapsing blind (`Process.candidates`), for
+as long as `Windows` says figures may still come.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from ...backends.protocol import AccessSampler, Backend, access_sampler
-from ...model import PMD_SIZE
+from ...model import PMD_SIZE, Vma
+from ..scan import ProcessReport, collapsible_regions
 
 FIRST_WINDOW = 5.0  # seconds after discovery a process is measured for the first time
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """When a process's access figures are due, and how long to wait for them.
+
+    A process is first measured one window after it is first asked about: FIRST_WINDOW,
+    or the scan interval where that is shorter. If no figures have come after three such
+    windows and a scan interval (the sampler refused the process, say), none are coming:
+    it is worked on without them.
+    """
+
+    scan_interval: float
+
+    @property
+    def first(self) -> float:
+        return min(FIRST_WINDOW, self.scan_interval)
+
+    @property
+    def patience(self) -> float:
+        return 3 * self.first + self.scan_interval
+
+    def given_up(self, waiting_since: float, now: float) -> bool:
+        """No figures are coming for a process waiting for them since `waiting_since`."""
+        return now - waiting_since > self.patience
+
+
+def sampled_regions(report: ProcessReport) -> list[tuple[Vma, np.ndarray]]:
+    """What a sampler is asked about after a scan: each VMA with its collapsible regions."""
+    return [(v.vma, collapsible_regions(v.metrics)) for v in report.vmas]
+
+
+def by_vma(
+    pairs: Sequence[tuple[Vma, np.ndarray]], hotness: Sequence[np.ndarray]
+) -> dict[int, np.ndarray]:
+    """A sampler's answer (hotness per region, one array per pair) keyed by VMA start."""
+    return {v.start: h for (v, _), h in zip(pairs, hotness, strict=True)}
 
 
 # ------------------------------------------------------------------------------ pure

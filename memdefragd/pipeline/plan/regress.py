@@ -5,7 +5,8 @@ parent (or the child) while both live splits the PMD and copies one 4 KiB page (
 one snapshot child split 92% of a database's huge pages); an allocator purge
 (MADV_DONTNEED of part of a region, then a refault) splits them too. So the daemon keeps,
 per process, the 2 MiB regions it has seen huge (`HugeMemory`); a region that was huge and
-is collapsible again is *urgent* (the scheduler ranks it first). Forks get their own
+is collapsible again is *urgent* (the scheduler ranks it first; `split_again` says which
+after each scan). Forks get their own
 bookkeeping (`Forks`): while a tracked process has a fork child that has not exec'd, both
 are held back (collapsing either copies pages the other still shares, and the parent's
 writes split again whatever we mend); when the child exits, the parent is re-scanned at
@@ -17,11 +18,15 @@ Pure: no I/O, the caller passes `now`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["FORK_GRACE", "RESTORED", "Forks", "HugeMemory"]
+from ..discover import Changes
+
+__all__ = ["FORK_GRACE", "RESTORED", "Forked", "Forks", "HugeMemory", "Split", "split_again"]
 
 # A fork child that has not exec'd after this long is a worker (prefork servers: postgres,
 # gunicorn), not a snapshot: it and its parent are worked on again. Snapshot children
@@ -67,12 +72,50 @@ class HugeMemory:
         return pid in self._huge
 
 
+@dataclass(frozen=True, slots=True)
+class Split:
+    """What a scan shows split again in one process."""
+
+    urgent: np.ndarray  # its urgent regions now: collapsible, and huge before
+    new: int  # how many of them were not urgent before this scan
+    cause: str  # "fork" (a fork child alive, or on its way back after one) or "drop"
+
+
+def split_again(
+    memory: HugeMemory,
+    forks: Forks,
+    pid: int,
+    huge: np.ndarray,
+    collapsible: np.ndarray,
+    urgent: np.ndarray,
+) -> Split:
+    """Fold a scan's huge and collapsible regions (`scan.huge_and_collapsible`) into the
+    bookkeeping, given the process's `urgent` regions before it. A fork that split nothing
+    leaves nothing to restore: its restore clock is dropped."""
+    collapsible = np.asarray(collapsible, dtype=np.uint64)
+    now_urgent = collapsible[memory.scanned(pid, huge, collapsible)]
+    new = int(np.count_nonzero(~np.isin(now_urgent, urgent)))
+    cause = "fork" if forks.forking(pid) else "drop"
+    if not now_urgent.size:
+        forks.restoring.pop(pid, None)
+    return Split(now_urgent, new, cause)
+
+
 @dataclass(slots=True)
 class _Fork:
     parent: int
     target: str
     at: float
     coverage: float | None  # the parent's, at its last scan before the fork
+
+
+class Forked(NamedTuple):
+    """A fork of a tracked process, as `Forks.seen` took it in."""
+
+    parent: int
+    child: int
+    target: str
+    coverage: float | None  # the parent's THP coverage before the fork (None: unknown)
 
 
 @dataclass(slots=True)
@@ -94,6 +137,34 @@ class Forks:
         self, parent: int, child: int, target: str, now: float, coverage: float | None
     ) -> None:
         self.children[child] = _Fork(parent, target, now, coverage)
+
+    def seen(
+        self,
+        changes: Changes,
+        now: float,
+        target_of: Callable[[int], str | None],
+        coverage_of: Callable[[int], float | None],
+    ) -> tuple[list[Forked], list[tuple[int, int]]]:
+        """Take in what discovery saw: forks, execs and exits of fork children. A fork
+        counts when its parent is tracked (`target_of` gives its target's name, None for
+        an untracked pid); `coverage_of` gives the parent's THP coverage now. Returns the
+        forks taken in and the (parent, child) pairs whose child exited while the parent
+        is still tracked: re-scan those parents at once."""
+        forked = []
+        for child, parent in changes.forked.items():
+            target = target_of(parent)
+            if target is not None:
+                cov = coverage_of(parent)
+                self.fork(parent, child, target, now, cov)
+                forked.append(Forked(parent, child, target, cov))
+        for child in changes.execd:
+            self.execd(child)
+        rescan = [
+            (parent, child)
+            for child, parent in changes.fork_exited.items()
+            if self.exited(child, now) is not None and target_of(parent) is not None
+        ]
+        return forked, rescan
 
     def execd(self, child: int) -> None:
         """A new program: it shares nothing with its parent any more."""

@@ -38,6 +38,7 @@ ineligible region, a refusal) leaks to a later one that reuses its pid.
 
 from __future__ import annotations
 
+import enum
 import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,7 @@ from types import MappingProxyType
 import numpy as np
 
 from ...model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, Heat, MemoryState, Mode, Outcome, Request, Vma
+from ..scan import collapsible_regions
 from ..score import VmaMetrics
 from ..targets import Target
 from .pacing import Pacer
@@ -54,6 +56,7 @@ from .pacing import Pacer
 __all__ = [
     "MAX_CHUNK",
     "Candidate",
+    "Reaction",
     "Scheduler",
     "SchedulerSettings",
     "SchedulerState",
@@ -63,6 +66,7 @@ __all__ = [
     "pause_kinds",
     "pressure_reason",
     "priority_weight",
+    "reaction",
     "region_cost",
     "region_gain",
 ]
@@ -77,6 +81,28 @@ TARGET_BACKOFF = frozenset({"EAGAIN", "EBUSY"})  # transient, or this target's c
 MACHINE_BACKOFF = "ENOMEM"  # no free huge page: nobody can collapse until memory frees up
 GONE = "ESRCH"
 DENIED = "EPERM"
+
+
+class Reaction(enum.Enum):
+    """What the daemon does about a request that stopped early, besides the scheduler's own
+    reaction (`Scheduler.record`): see `reaction`."""
+
+    NONE = "none"
+    FORGET = "forget"  # GONE: the process exited: forget it (a race, counted)
+    DENIED = "denied"  # DENIED: not allowed: say what the daemon needs, once per process
+    COMPACT = "compact"  # MACHINE_BACKOFF, with compaction on: ask for a free 2 MiB block
+
+
+def reaction(stopped: str, *, compaction: bool) -> Reaction:
+    """What an outcome's `stopped` (an errno name, or "") asks of the daemon."""
+    if stopped == GONE:
+        return Reaction.FORGET
+    if stopped == DENIED:
+        return Reaction.DENIED
+    if stopped == MACHINE_BACKOFF and compaction:
+        return Reaction.COMPACT
+    return Reaction.NONE
+
 
 # Regressed regions (huge once, split since) outrank fresh ones of the same target: 16x is
 # four priority steps, more than any hotness or fill difference short of a tenfold one.
@@ -295,7 +321,7 @@ class Candidate:
             start_time=start_time,
             vma_start=vma.start,
             vma_end=vma.end,
-            regions=metrics.collapsible_vpns.astype(np.uint64) * np.uint64(PAGE_SIZE),
+            regions=collapsible_regions(metrics),
             present=metrics.collapsible_present,
             hotness=hotness,
             urgent=urgent,
@@ -779,6 +805,14 @@ class Scheduler:
         if outcome.ineligible:
             self._ineligible.setdefault(key, set()).update(outcome.ineligible)
         self._react(outcome, now)
+
+    def rest(self, target: str) -> float | None:
+        """The rest pacing imposed after `target`'s last request (0 before any); None when
+        the target is not paced."""
+        if self.settings.duty_for(target) is None:
+            return None
+        pace = self.pacer.paces.get(target)
+        return pace.last_delay if pace is not None else 0.0
 
     def _settle(self, outcome: Outcome, now: float) -> None:
         """Turn the reservation made at dispatch into what was really attempted."""

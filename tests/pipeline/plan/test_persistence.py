@@ -1,6 +1,7 @@
 """Gentle and persistent, the pure parts on a fake clock: pacing arithmetic and the
 scheduler's rests, ranking by hotness and urgency, the hot/cold split of pending work,
-regression detection, fork bookkeeping, and hotness from DAMON ranges or Referenced."""
+regression detection, fork bookkeeping, hotness from DAMON ranges or Referenced, and the
+access windows' rules."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from memdefragd.model import PMD_SIZE, Outcome, Request
-from memdefragd.pipeline.plan.access import hotness_from_ranges, hotness_from_referenced
+from memdefragd.backends.sim.backend import SimBackend
+from memdefragd.backends.sim.machine import Machine
+from memdefragd.model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, Outcome, Request
+from memdefragd.pipeline.discover import Changes
+from memdefragd.pipeline.plan.access import (
+    FIRST_WINDOW,
+    Windows,
+    by_vma,
+    hotness_from_ranges,
+    hotness_from_referenced,
+    sampled_regions,
+)
 from memdefragd.pipeline.plan.pacing import Pacer, pace_delay
-from memdefragd.pipeline.plan.regress import Forks, HugeMemory
+from memdefragd.pipeline.plan.regress import Forked, Forks, HugeMemory, split_again
 from memdefragd.pipeline.plan.scheduler import (
     URGENT_BOOST,
     Candidate,
@@ -21,6 +32,7 @@ from memdefragd.pipeline.plan.scheduler import (
     benefit_per_byte,
     heat_of,
 )
+from memdefragd.pipeline.scan import scan_process
 
 GiB = 1 << 30
 BASE = GiB
@@ -112,6 +124,15 @@ def test_pacing_is_per_target_and_others_go_meanwhile():
     assert [r.target for r in got] == ["batch", "batch"]  # db rests, batch is not paced
     assert got[0].bytes == 4 << 20
     assert s.next_request(0.04) is None and s.why_idle == "pacing"
+
+
+def test_the_rest_after_a_request_is_known_only_for_paced_targets():
+    s = Scheduler(settings(duty_by_target={"db": 0.05, "batch": None}))
+    assert (s.rest("db"), s.rest("batch")) == (0.0, None)  # paced, nothing recorded yet
+    s.plan([cand("db", present=[512] * 2)], now=0.0)
+    s.record(done(s.next_request(0.0), 0.002), now=0.002)
+    assert s.rest("db") == pytest.approx(0.038)  # 2 ms * 0.95 / 0.05
+    assert s.rest("batch") is None
 
 
 def test_paced_targets_still_obey_the_byte_budget():
@@ -221,6 +242,52 @@ def test_fork_grace_execs_and_orphans():
     assert f.exited(21, 1.0) == 20 and 20 not in f.restoring
 
 
+def test_a_scan_shows_what_was_split_again_and_why():
+    m, f = HugeMemory(), Forks()
+    none = np.zeros(0, np.uint64)
+    first = split_again(m, f, 7, regions(0, 1, 2), regions(3), none)
+    assert (first.urgent.size, first.new, first.cause) == (0, 0, "drop")
+    s = split_again(m, f, 7, regions(2), regions(0, 1, 3), none)  # coverage fell: 0 and 1
+    assert (s.urgent.tolist(), s.new, s.cause) == (regions(0, 1).tolist(), 2, "drop")
+    again = split_again(m, f, 7, regions(2), regions(0, 1, 3), s.urgent)  # nothing new
+    assert (again.urgent.tolist(), again.new) == (regions(0, 1).tolist(), 0)
+    f.fork(7, 8, "db", now=0.0, coverage=0.9)
+    assert split_again(m, f, 7, regions(2), regions(0, 1, 3), none).cause == "fork"
+
+
+def test_a_fork_that_split_nothing_has_nothing_to_restore():
+    m, f = HugeMemory(), Forks()
+    none = np.zeros(0, np.uint64)
+    split_again(m, f, 7, regions(0, 1), none, none)
+    f.fork(7, 8, "db", now=0.0, coverage=1.0)
+    assert f.exited(8, now=1.0) == 7 and 7 in f.restoring
+    s = split_again(m, f, 7, regions(0, 1), none, none)  # all still huge
+    assert (s.urgent.size, s.new, s.cause) == (0, 0, "fork") and 7 not in f.restoring
+    f.fork(7, 9, "db", now=2.0, coverage=1.0)
+    f.exited(9, now=3.0)
+    s = split_again(m, f, 7, regions(1), regions(0), none)  # one split: its restore is timed
+    assert (s.new, s.cause) == (1, "fork") and 7 in f.restoring
+
+
+def test_forks_take_in_what_discovery_saw():
+    f = Forks(grace=60.0)
+    targets = {10: "db", 20: "db"}  # tracked parents; 30 is not
+    cov = {10: 0.8}
+    forked, rescan = f.seen(Changes(forked={11: 10, 21: 20, 31: 30}), 100.0, targets.get, cov.get)
+    assert forked == [Forked(10, 11, "db", 0.8), Forked(20, 21, "db", None)]
+    assert rescan == [] and f.held(10, 100.5) and not f.held(30, 100.5)
+    forked, rescan = f.seen(
+        Changes(execd=frozenset({21}), fork_exited={11: 10, 31: 30}), 103.0, targets.get, cov.get
+    )
+    assert forked == [] and rescan == [(10, 11)]  # 31 was never taken in
+    assert not f.held(20, 103.0)  # 21 exec'd: it shares nothing with 20 any more
+    assert f.restored(10, 0.8, now=104.0) == ("db", pytest.approx(1.0))
+    f.fork(20, 22, "db", 104.0, 0.5)
+    del targets[20]  # the parent is no longer tracked: nothing to re-scan
+    assert f.seen(Changes(fork_exited={22: 20}), 105.0, targets.get, cov.get) == ([], [])
+    assert 22 not in f.children
+
+
 # ------------------------------------------------------------------------------ access
 
 
@@ -240,6 +307,33 @@ def test_hotness_from_referenced():
     assert hotness_from_referenced(512 << 10, 2048 << 10) == 0.25
     assert hotness_from_referenced(5, 0) is None
     assert hotness_from_referenced(10, 5) == 1.0
+
+
+def test_access_windows():
+    w = Windows(scan_interval=30.0)
+    assert (w.first, w.patience) == (FIRST_WINDOW, 3 * FIRST_WINDOW + 30.0)
+    assert not w.given_up(100.0, 100.0 + w.patience) and w.given_up(100.0, 100.1 + w.patience)
+    quick = Windows(scan_interval=2.0)  # a scan interval shorter than the first window
+    assert (quick.first, quick.patience) == (2.0, 8.0)
+
+
+def test_a_sampler_is_asked_about_collapsible_regions_and_answers_by_vma():
+    m = Machine(8192)
+    p = m.add_process("app")
+    a, b = m.mmap(p.pid, 2 * PMD_PAGES), m.mmap(p.pid, PMD_PAGES)
+    m.fault_at(p.pid, np.arange(a.start_vpn, a.end_vpn), np.arange(1024, 1024 + 2 * 512) * 2)
+    m.fault_at(p.pid, np.arange(b.start_vpn, b.end_vpn), np.arange(512, 1024))
+    assert m.promote(p.pid, b.start_vpn)  # b: one THP, nothing to collapse
+    backend = SimBackend(m)
+    rep = scan_process(backend, backend.process(p.pid), collect=True)
+    pairs = sampled_regions(rep)
+    a0, b0 = a.start_vpn * PAGE_SIZE, b.start_vpn * PAGE_SIZE
+    assert [(v.start, r.tolist()) for v, r in pairs] == [(a0, [a0, a0 + PMD_SIZE]), (b0, [])]
+    hot = [np.array([0.5, 0.0]), np.zeros(0)]
+    got = by_vma(pairs, hot)
+    assert {k: v.tolist() for k, v in got.items()} == {a0: [0.5, 0.0], b0: []}
+    with pytest.raises(ValueError):
+        by_vma(pairs, hot[:1])  # one answer per VMA asked about
 
 
 # ------------------------------------------------------------------------------ config

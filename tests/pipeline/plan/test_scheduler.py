@@ -26,11 +26,13 @@ from memdefragd.model import (
 )
 from memdefragd.pipeline.plan.scheduler import (
     Candidate,
+    Reaction,
     Scheduler,
     SchedulerSettings,
     benefit_per_byte,
     merge_ranges,
     pressure_reason,
+    reaction,
     region_cost,
 )
 from memdefragd.pipeline.score import VmaAccumulator
@@ -496,6 +498,21 @@ def test_eperm_drops_the_process_until_the_next_plan():
     assert s.snapshot(clock.t).denied == {(1, 100)}
     s.plan([c], now=clock.advance(1.0))
     assert len(s.queued()) == 3 and s.snapshot(clock.t).denied == set()
+
+
+@pytest.mark.parametrize(
+    ("stopped", "compaction", "want"),
+    [
+        ("ESRCH", False, Reaction.FORGET),  # gone: forget it
+        ("EPERM", True, Reaction.DENIED),  # not allowed: say so
+        ("ENOMEM", True, Reaction.COMPACT),  # no free 2 MiB block: compact, if configured
+        ("ENOMEM", False, Reaction.NONE),
+        ("EAGAIN", True, Reaction.NONE),  # the scheduler's backoff is reaction enough
+        ("", True, Reaction.NONE),
+    ],
+)
+def test_what_a_stopped_request_asks_of_the_daemon(stopped, compaction, want):
+    assert reaction(stopped, compaction=compaction) is want
 
 
 def test_einval_regions_are_never_planned_again_for_that_process():
