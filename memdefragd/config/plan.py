@@ -8,15 +8,18 @@ live here.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from ..model import Method
+from ..model import Method, Mode
 from .schema import Config, DaemonSettings
 from .walk import Plan, Setting, settings_of
 
 if TYPE_CHECKING:
     from ..backends.protocol import Backend
     from ..pipeline.plan.scheduler import SchedulerSettings
+
+log = logging.getLogger("memdefragd")
 
 
 def _planned(s: Setting, plan: Plan, settings: DaemonSettings) -> Any:
@@ -46,8 +49,24 @@ def methods(config: Config) -> set[Method]:
 
 
 def check_methods(config: Config, backend: Backend) -> None:
-    """Refuse at start-up (or reload) a method this backend cannot carry out, saying why."""
+    """Refuse at start-up (or reload) a method this backend cannot carry out, saying why.
+    A method that only observe-mode targets ask for is no reason to stop: they never move
+    memory, so on a kernel without it (MADV_COLLAPSE before Linux 6.1) such a config runs
+    as an observer, with a warning."""
     for method in sorted(map(str, methods(config))):  # plain strings: messages quote them
         reason = backend.refusal(method)
-        if reason is not None:
+        if reason is None:
+            continue
+        enforcing = [
+            t.name
+            for t in config.targets
+            if t.mode != Mode.OBSERVE and str(config.settings_for(t.name).method) == method
+        ]
+        if enforcing:
             raise SystemExit(f"memdefragd: method {method!r}: {reason}")
+        log.warning(
+            "method %r cannot run on this machine (%s): its targets are all in observe mode, "
+            "so memdefragd only measures them",
+            method,
+            reason,
+        )

@@ -432,3 +432,11 @@ def test_errno_table(spawn, monkeypatch, case):
     assert len(calls) == ncalls
     assert script == []
     assert out.duration == ncalls  # one tick per call: only time inside calls counts
+
+
+def test_this_kernel_knows_madv_collapse(backend):
+    """Every kernel of the matrix (this one, Debian's 6.1 and 6.12 in tests/vm) has
+    MADV_COLLAPSE: the probe behind the pre-6.1 refusal finds it, so 'collapse' runs."""
+    major, minor = (int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    assert (major, minor) >= (6, 1)
+    assert backend.refusal("collapse") is None

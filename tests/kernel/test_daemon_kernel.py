@@ -98,12 +98,12 @@ def test_notify_ready_status_and_watchdog(spawn, daemons, tmp_path):
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
-    sock.settimeout(10)
+    sock.settimeout(30)  # a start takes seconds in an emulated guest (tests/vm)
     try:
         env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
         d = daemons(cfg, env=env)
         got: list[str] = []
-        end = time.monotonic() + 20
+        end = time.monotonic() + 60
         while time.monotonic() < end and not (
             any("READY=1" in m for m in got) and sum("WATCHDOG=1" in m for m in got) >= 2
         ):
@@ -201,7 +201,10 @@ def test_without_cap_sys_nice_refusal_is_logged_once(spawn, daemons, tmp_path):
     require_kernel(shutil.which("setpriv"), "setpriv (util-linux) is not installed")
     drop = ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--"]
     d = daemons(cfg, prefix=drop)
-    d.wait_for("scanned 1 process", count=3)  # three scan cycles: three chances to log it again
+    # With DAMON (6.12 in tests/vm) the first request waits for an access window.
+    d.wait_for("not allowed to collapse pid", timeout=60)
+    n = d.text().count("scanned 1 process")
+    d.wait_for("scanned 1 process", count=n + 3)  # three more cycles: three chances to log it again
     assert d.stop(10) == 0
     text = d.text()
     assert text.count("scanned 1 process") >= 3, text
@@ -293,6 +296,7 @@ def test_without_capabilities_the_log_names_each_missing_one(spawn, daemons, tmp
     setpriv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
     d = daemons(cfg, prefix=setpriv)
     d.wait_for("scanned 1 process")
+    d.wait_for("proc events unavailable")  # its own thread: may come after the first scan
     assert d.stop(10) == 0
     text = d.text()
     for cap in (
@@ -303,5 +307,7 @@ def test_without_capabilities_the_log_names_each_missing_one(spawn, daemons, tmp
         "CAP_NET_ADMIN",
     ):
         assert text.count(f"no {cap}: ") == 1, text
-    assert "proc events unavailable" in text and "lacks CAP_NET_ADMIN" in text, text
+    # 6.18 refuses the subscription; Debian's 6.12 (tests/vm) takes it and sends nothing
+    assert "proc events unavailable" in text, text
+    assert "lacks CAP_NET_ADMIN" in text or "no answer from the proc connector" in text, text
     assert "namespaces" not in text and "Traceback" not in text, text

@@ -95,7 +95,10 @@ def test_hot_part_of_the_heap_is_collapsed_before_the_cold_part(spawn, daemons, 
 
 def test_damon_is_left_alone_where_others_use_it():
     root = Path("/sys/kernel/mm/damon/admin")
-    require_kernel(root.exists(), "no DAMON sysfs interface")
+    if not root.exists():  # no DAMON at all (Debian's 6.1 in tests/vm): memdefragd says so
+        with pytest.raises(DamonUnavailable, match="no DAMON sysfs interface"):
+            Damon(state_file="/nonexistent/memdefragd-test/damon.json").open()
+        return
     nr = root / "kdamonds/nr_kdamonds"
     before = nr.read_text()
     states = [p.read_text() for p in sorted(root.glob("kdamonds/*/state"))]

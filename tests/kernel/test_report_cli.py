@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .helpers import MiB, require_kernel
+from .helpers import NO_SCAN_NO_CAP_THP_BUG, MiB, require_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -66,6 +66,7 @@ def test_text_report_names_the_process_and_its_figures(half_collapsed, pfns):
     assert f"PID {child.pid}  python" in r.stdout
 
 
+@NO_SCAN_NO_CAP_THP_BUG
 def test_without_cap_sys_admin_contiguity_is_withheld_not_faked(half_collapsed):
     child = half_collapsed
     setpriv = shutil.which("setpriv")

@@ -26,7 +26,7 @@ from . import collapse as _collapse  # the module: tests patch its syscall wrapp
 from . import procfs
 from .compaction import Compactor
 from .events import ProcEvents
-from .pagemap import WINDOW_PAGES, PagemapReader
+from .pagemap import NO_SCAN_REASON, WINDOW_PAGES, PagemapReader, scan_refusal
 from .privileges import CAP_SYS_ADMIN, effective_capabilities, privilege_problems
 from .procs import PidHandle, ProcDir, list_pids
 from .ranger import ranger_refusal
@@ -80,7 +80,7 @@ class KernelBackend:
                 _collapse.process_madvise_nr()
             except NotImplementedError as e:
                 return str(e)
-            return None
+            return _collapse.madv_collapse_refusal()
         if method == "ranger":
             return ranger_refusal(self.ranger_syscall)
         if method == "compaction":
@@ -196,10 +196,22 @@ class KernelBackend:
                 # An exited process's pagemap has no mm behind it; some kernels mishandled
                 # PAGEMAP_SCAN on such a file, so do not even try.
                 d.check_identity(proc, alive=True)
-                yield PagemapReader(fd, self._kpageflags(), self.use_scan, self.window_pages)
+                reader = PagemapReader(fd, self._kpageflags(), self.use_scan, self.window_pages)
+                yield reader
+                self.use_scan = self.use_scan and reader.use_scan  # found absent: stop asking
             finally:
                 os.close(fd)
             d.check_identity(proc)  # everything read above was of this very process
+
+    def pagemap_scan_refusal(self) -> str | None:
+        """None where layouts are read with PAGEMAP_SCAN (Linux 6.7+); else why not and what
+        is read instead (also when this backend was made with use_scan=False)."""
+        if not self.use_scan:
+            return "PAGEMAP_SCAN not used (use_scan=False): " + NO_SCAN_REASON.split(": ", 1)[1]
+        reason = scan_refusal(self.proc_root)
+        if reason is not None:
+            self.use_scan = False
+        return reason
 
     def pfn_visibility(self) -> PfnVisibility:
         if self._visibility is None:

@@ -56,6 +56,28 @@ def process_madvise_nr(machine: str | None = None) -> int:
         ) from None
 
 
+def _madvise_zero_length(advice: int) -> int:
+    """madvise(0, 0, advice): 0, or the errno. The kernel checks that it knows the advice
+    before it looks at the range, and a zero length then does nothing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.madvise
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return ctypes.get_errno() if fn(None, 0, advice) != 0 else 0
+
+
+def madv_collapse_refusal() -> str | None:
+    """None where the kernel knows MADV_COLLAPSE (Linux 6.1+); else why method 'collapse'
+    cannot run, and what memdefragd can still do there."""
+    err = _madvise_zero_length(MADV_COLLAPSE)
+    if err == 0:
+        return None
+    return (
+        f"this kernel ({os.uname().release}) does not know MADV_COLLAPSE (Linux 6.1+; "
+        f"madvise said {errno.errorcode.get(err, err)}): memdefragd can only measure here "
+        "(targets with mode: observe)"
+    )
+
+
 _libc: ctypes.CDLL | None = None
 
 

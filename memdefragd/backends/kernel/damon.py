@@ -211,7 +211,7 @@ class Damon:
             self._write(f"{filters}/nr_filters", 1)
             f = f"{filters}/0"
             self._write(f"{f}/type", "target")
-            self._write(f"{f}/target_idx", i)
+            self._write(f"{f}/damon_target_idx", i)
             self._write(f"{f}/matching", "N")  # regions not of target i ...
             if self._exists(f"{f}/allow"):
                 self._write(f"{f}/allow", "N")  # ... are rejected

@@ -238,3 +238,25 @@ def _in_ranges(vpn: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     ok = i >= 0
     ok[ok] = vpn[ok] < ends[i[ok]]
     return ok
+
+
+NO_SCAN_REASON = (
+    "this kernel has no PAGEMAP_SCAN ioctl (Linux < 6.7): layouts are read whole from "
+    "/proc/PID/pagemap, and THPs found through /proc/kpageflags, which cannot tell a "
+    "PMD mapping from a PTE-mapped 2 MiB folio (such a folio counts as THP)"
+)
+
+
+def scan_refusal(proc_root: str = "/proc") -> str | None:
+    """None where the kernel has PAGEMAP_SCAN; else what the reads fall back to. Asks about
+    one page of our own memory."""
+    page = 1 << PAGE_SHIFT
+    buf = np.ones(2 * page, dtype=np.uint8)  # touched: a present page lies inside
+    addr = -(-buf.ctypes.data // page) * page
+    fd = os.open(f"{proc_root}/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = PagemapReader(fd, None)._scan(addr, addr + page, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
+    finally:
+        os.close(fd)
+    del buf
+    return None if found is not None else NO_SCAN_REASON

@@ -32,6 +32,8 @@ class FakeDamon(Damon):
         v = str(value)
         self.writes.append((rel, v))
         path = self.root / rel
+        if not path.exists():  # sysfs makes no file on a write: a misspelt name fails
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
         if rel == "kdamonds/nr_kdamonds":
             states = [p.read_text().strip() for p in self.root.glob("kdamonds/*/state")]
             if "on" in states:
@@ -57,7 +59,7 @@ class FakeDamon(Damon):
                 (path.parent / f"{i}/tried_regions").mkdir(exist_ok=True)
         elif rel.endswith("filters/nr_filters"):
             for i in range(int(v)):
-                _files(path.parent / str(i), type="", target_idx="", matching="", allow="")
+                _files(path.parent / str(i), type="", damon_target_idx="", matching="", allow="")
         elif rel.endswith("/state") and v == "update_schemes_tried_regions":
             self._tried()
             return
@@ -131,7 +133,7 @@ def test_our_kdamond_monitors_each_process_and_goes_away_on_close(root):
     d.watch([11, 10])
     assert [(ctx / f"targets/{i}/pid_target").read_text() for i in (0, 1)] == ["10\n", "11\n"]
     f = ctx / "schemes/1/core_filters/0"
-    assert [(f / n).read_text().strip() for n in ("type", "target_idx", "matching", "allow")] == [
+    assert [(f / n).read_text().strip() for n in ("type", "damon_target_idx", "matching", "allow")] == [
         "target", "1", "N", "N",
     ]  # fmt: skip
     assert (ctx / "schemes/0/action").read_text() == "stat\n"
