@@ -63,6 +63,8 @@ class AccessSampler(Protocol):
     hotness; a backend's sampler takes them)."""
 
     name: str
+    # Seconds a newly watched process may go without figures before none are coming.
+    settle: float
 
     def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
         """The processes to measure from now on."""
@@ -90,6 +92,9 @@ class Compaction(Protocol):
 
 class Backend(Protocol):
     name: str
+    # The methods this kind of backend implements at all; a method outside it in a config
+    # is a mistake in the config. `refusal` says whether this machine can carry one out.
+    methods: frozenset[str]
 
     def list_processes(self) -> list[ProcessInfo]:
         """Every user process now running; kernel threads and vanished ones are left out."""
@@ -128,12 +133,18 @@ class Backend(Protocol):
         """Pin the process for requests; raises ProcessGone, AccessDenied or OSError."""
 
     def refusal(self, method: str) -> str | None:
-        """Why this backend cannot carry out `method`, in words for the user; None if it can."""
+        """Why this backend cannot carry out `method` here, in words for the user; None if
+        it can. For a method in `methods`, a refusal is the machine's (a kernel too old)."""
 
     def privilege_problems(self) -> list[str]:
         """One sentence per privilege the daemon lacks on this backend, saying what its
         absence costs; [] when nothing is missing. Optional: `privilege_problems(backend)`
         answers [] for a backend without it."""
+
+    def limitations(self) -> list[str]:
+        """One sentence per feature this machine lacks (PAGEMAP_SCAN before Linux 6.7, say),
+        saying what the backend does instead; [] when nothing is missing. Optional:
+        `limitations(backend)` answers [] for a backend without it."""
 
     def execute(
         self, handle: Handle, request: Request, *, should_stop: Callable[[], bool]
@@ -163,6 +174,12 @@ class Backend(Protocol):
 def privilege_problems(backend: Backend) -> list[str]:
     """The backend's privilege problems, [] if it has no such method (a stand-in)."""
     method = getattr(backend, "privilege_problems", None)
+    return list(method()) if callable(method) else []
+
+
+def limitations(backend: Backend) -> list[str]:
+    """The backend's limitations, [] if it has no such method (a stand-in)."""
+    method = getattr(backend, "limitations", None)
     return list(method()) if callable(method) else []
 
 

@@ -199,6 +199,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"memdefragd: --range: {e}", file=sys.stderr)
         return 2
     backend = KernelBackend()
+    reason = backend.refusal(args.method)
+    if reason is not None:  # a kernel before 6.1: say so rather than fail per region
+        backend.close()
+        print(f"memdefragd: method {args.method!r}: {reason}", file=sys.stderr)
+        return 2
     try:
         proc = backend.process(args.pid)
         result = defrag(backend, proc, span=span, progress=_bytes_bar())

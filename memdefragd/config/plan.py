@@ -9,6 +9,7 @@ live here.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..model import Method, Mode
@@ -48,25 +49,50 @@ def methods(config: Config) -> set[Method]:
     return {config.daemon.method} | {own.method for own in config.overrides.values()}
 
 
-def check_methods(config: Config, backend: Backend) -> None:
-    """Refuse at start-up (or reload) a method this backend cannot carry out, saying why.
-    A method that only observe-mode targets ask for is no reason to stop: they never move
-    memory, so on a kernel without it (MADV_COLLAPSE before Linux 6.1) such a config runs
-    as an observer, with a warning."""
+def check_methods(config: Config, backend: Backend) -> tuple[Config, dict[str, str]]:
+    """The config as it can run on this backend, and each method it asks for that this
+    machine cannot carry out, with why.
+
+    A method the backend does not implement at all (a simulator-only method on the kernel)
+    is a mistake in the config: SystemExit, at start or reload. A method it implements but
+    this machine lacks (MADV_COLLAPSE before Linux 6.1, a kernel without Translation
+    Ranger) is not: the targets that ask for it are observed only (scanned, scored and
+    exported; no memory moved), with an error in the log, so that an old kernel still
+    gets a working observer rather than a daemon that will not start.
+    """
+    refused: dict[str, str] = {}
+    demoted: set[str] = set()
     for method in sorted(map(str, methods(config))):  # plain strings: messages quote them
         reason = backend.refusal(method)
         if reason is None:
             continue
+        if method not in backend.methods:
+            raise SystemExit(f"memdefragd: method {method!r}: {reason}")
+        refused[method] = reason
         enforcing = [
             t.name
             for t in config.targets
             if t.mode != Mode.OBSERVE and str(config.settings_for(t.name).method) == method
         ]
         if enforcing:
-            raise SystemExit(f"memdefragd: method {method!r}: {reason}")
-        log.warning(
-            "method %r cannot run on this machine (%s): its targets are all in observe mode, "
-            "so memdefragd only measures them",
-            method,
-            reason,
-        )
+            log.error(
+                "method %r cannot run on this machine (%s): target(s) %s are observed only "
+                "(scanned, scored and exported; no memory is moved)",
+                method,
+                reason,
+                ", ".join(enforcing),
+            )
+            demoted.update(enforcing)
+        else:
+            log.warning(
+                "method %r cannot run on this machine (%s): its targets are all in observe "
+                "mode, so memdefragd only measures them",
+                method,
+                reason,
+            )
+    if not demoted:
+        return config, refused
+    targets = tuple(
+        replace(t, mode=Mode.OBSERVE) if t.name in demoted else t for t in config.targets
+    )
+    return replace(config, targets=targets), refused

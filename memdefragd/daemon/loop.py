@@ -29,6 +29,7 @@ from ..backends.protocol import (
     AccessSampler,
     Backend,
     compactor,
+    limitations,
     privilege_problems,
     process_events,
 )
@@ -68,15 +69,17 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.backend = backend or open_backend(config.daemon)
-        check_methods(config, self.backend)
+        config, refused = check_methods(config, self.backend)
         for problem in privilege_problems(self.backend):  # once per start, each its cost
             log.warning("%s", problem)
+        for missing in limitations(self.backend):  # the kernel's, with what replaces it
+            log.info("%s", missing)
         self.config = config
         self.notifier = notifier or Notifier()
         self.dry_run = dry_run
         self.clock = clock
         self.metrics = Metrics(lambda: self.published)
-        self.metrics.configured(config.sha256, config.daemon.scan_interval)
+        self.metrics.configured(config.sha256, config.daemon.scan_interval, refused)
         self.cycles = 0  # completed full scan cycles
         self.outcomes: deque[tuple[Outcome, int]] = deque(maxlen=100)  # the last, verified
         self.scheduler = Scheduler(scheduler_settings(config))
@@ -244,7 +247,7 @@ class Daemon:
                     "daemon.backend and daemon.simulated take effect only at start: "
                     "restart memdefragd to change them"
                 )
-            check_methods(new, self.backend)
+            new, refused = check_methods(new, self.backend)
             if self._serving:  # last: nothing that follows can fail
                 listen = new.daemon.metrics_listen
                 try:
@@ -268,7 +271,7 @@ class Daemon:
         self.discovery.set_targets(new.targets)
         self.compactor = compactor(self.backend, new.daemon.compaction_interval)
         self.metrics.reloads.labels("ok").inc()
-        self.metrics.configured(new.sha256, new.daemon.scan_interval)
+        self.metrics.configured(new.sha256, new.daemon.scan_interval, refused)
         log.info("reloaded %s (sha256 %s)", new.path, new.sha256[:12])
         self._dirty |= set(self.discovery.tracked)
         self.notifier.ready(self.status_line())
@@ -364,13 +367,19 @@ class Daemon:
 
     def measure(self, tracked: Tracked, rep: ProcessReport) -> None:
         """This scan's access figures (hotness per region), if a window has ended."""
+        sampler = self.access
+        assert sampler is not None  # measured only where a sampler runs
         pairs = sampled_regions(rep)
         try:
-            hot = self.access.hotness(tracked.proc, pairs)  # type: ignore[union-attr]
+            hot = sampler.hotness(tracked.proc, pairs)
         except (ProcessGone, AccessDenied):
             return
         figures = None if hot is None else by_vma(pairs, hot)
-        windows = Windows(self.config.daemon.scan_interval)
+        if figures:
+            every = np.concatenate(list(figures.values()))
+            log.debug("pid %d: access figures for %d region(s), hotness %s",
+                      tracked.proc.pid, every.size, _quantiles(every))  # fmt: skip
+        windows = Windows(self.config.daemon.scan_interval, sampler.settle)
         if self.procs[tracked.proc.pid].measured(figures, self.clock(), windows):
             log.info("pid %d (%s): no access figures, working on it without them",
                      tracked.proc.pid, tracked.target.name)  # fmt: skip
@@ -513,3 +522,11 @@ class Daemon:
 def default_events() -> bool:
     """Netlink process events need the host's network namespace; tests may turn them off."""
     return os.environ.get("MEMDEFRAGD_NO_PROC_EVENTS", "") in ("", "0")
+
+
+def _quantiles(x: np.ndarray) -> str:
+    """min / median / max, for a debug line."""
+    if not x.size:
+        return "-"
+    lo, mid, hi = np.quantile(x, [0.0, 0.5, 1.0])
+    return f"min {lo:.2f} median {mid:.2f} max {hi:.2f}"

@@ -222,6 +222,12 @@ class Metrics:
         self.last_cycle = g.gauge(
             "last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle."
         )
+        self.method_refused = g.gauge(
+            "method_refused",
+            "1 for each method the config asks for that this machine cannot carry out (a "
+            "kernel before 6.1 has no MADV_COLLAPSE): its targets are observed only.",
+            "method",
+        )
         for result in ("ok", "failed"):  # both always there
             self.reloads.labels(result)
         self.build_info.labels(__version__).set(1)
@@ -277,8 +283,14 @@ class Metrics:
             self.failures.labels(target, method, reason).inc(n)
         self.request_seconds.labels(method).observe(outcome.duration)
 
-    def configured(self, sha256: str, scan_interval: float) -> None:
-        """The config in force (at start and after each reload)."""
+    def configured(
+        self, sha256: str, scan_interval: float, refused: Mapping[str, str] | None = None
+    ) -> None:
+        """The config in force (at start and after each reload), and the methods in it
+        this machine refuses."""
+        self.method_refused.clear()
+        for method in refused or {}:
+            self.method_refused.labels(method).set(1)
         old, self._sha256 = self._sha256, sha256
         self.config_info.labels(sha256).set(1)
         if old is not None and old != sha256:  # after the new one: never a scrape without

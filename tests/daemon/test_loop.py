@@ -7,7 +7,7 @@ import threading
 import time
 from types import MappingProxyType
 
-from memdefragd.config import parse_config
+from memdefragd.config import load_config, parse_config
 from memdefragd.daemon.loop import Daemon
 from memdefragd.model import MemoryState, PfnVisibility, Pressure, ZoneFree
 
@@ -44,7 +44,11 @@ class FlakyBackend:
     def open(self, proc):
         raise AssertionError("the stand-in lists no process, so none is opened")
 
+    methods = frozenset({"collapse", "ranger"})
+
     def refusal(self, method: str) -> str | None:
+        if method == "ranger":
+            return "the stand-in's kernel has no ranger"
         return None if method == "collapse" else f"the stand-in cannot do {method}"
 
     def close(self) -> None:
@@ -99,7 +103,7 @@ def test_once_run_raises_what_it_hits():
         raise AssertionError("the error was swallowed")
 
 
-def test_a_method_the_backend_refuses_stops_the_start_with_its_reason():
+def test_a_method_the_backend_does_not_implement_stops_the_start_with_its_reason():
     cfg = parse_config("targets:\n  - name: t\n    overrides: {method: compaction}\n")
     try:
         Daemon(cfg, backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
@@ -109,10 +113,27 @@ def test_a_method_the_backend_refuses_stops_the_start_with_its_reason():
         raise AssertionError("started with a method the backend refuses")
 
 
+def test_a_method_the_machine_lacks_leaves_its_targets_observed_only(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "targets:\n  - name: a\n  - name: r\n    overrides: {method: ranger}\n"
+        "  - name: o\n    mode: observe\n    overrides: {method: ranger}\n"
+    )
+    d = Daemon(load_config(path), backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
+    assert {t.name: str(t.mode) for t in d.config.targets} == {
+        "a": "enforce", "r": "observe", "o": "observe"
+    }  # fmt: skip
+    assert by_label(d, "memdefragd_method_refused") == {"ranger": 1.0}
+    # a reload to a config without ranger: the gauge goes
+    path.write_text("targets:\n  - name: a\n")
+    d.reload()
+    assert by_label(d, "memdefragd_method_refused") == {}
+    assert [t.name for t in d.config.targets] == ["a"]  # the reload took
+
+
 def test_reload_keeps_the_backend_it_started_with(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("targets:\n  - name: t\n")
-    from memdefragd.config import load_config
 
     d = Daemon(load_config(path), backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
     path.write_text("daemon: {backend: simulated}\ntargets:\n  - name: t\n")

@@ -69,3 +69,6 @@ def daemons():
     yield start
     for d in started:
         d.stop()
+        # pytest shows a test's captured output only when it fails: then the whole log
+        # (the assertion messages cut theirs), which is all a guest in tests/vm leaves.
+        print(f"----- daemon log {d.log_path} -----\n{d.text()[-20000:]}")

@@ -37,7 +37,7 @@ def nr_kdamonds() -> int:
     return int(f.read_text()) if f.exists() else 0
 
 
-def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path):
+def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path, record_property):
     # One VMA (so clear_refs + Referenced, which measures per VMA, cannot tell the halves
     # apart), its cold half first in address order, a thread reading every page of the hot
     # half and every 32nd page of the cold one.
@@ -75,7 +75,11 @@ def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path
     last_hot = max(i for i, a in enumerate(order) if hot(a))
     first_cold = min(i for i, a in enumerate(order) if cold(a))
     assert last_hot < first_cold, ([hex(a - child.addr) for a in order], text[-6000:])
+    # the evidence, in tests/vm's report: the order of requests, by half, from the log
+    record_property("request order", "".join("H" if hot(a) else "c" for a in order))
+    record_property("kdamond", f"pid {kdamond}, {nr_kdamonds()} kdamond(s) while running")
     assert d.stop() == 0
     # the kdamond it made is gone with it
     assert nr_kdamonds() == 0
     assert not Path(f"/proc/{kdamond}").exists()
+    record_property("after stop", f"nr_kdamonds {nr_kdamonds()}, /proc/{kdamond} gone")

@@ -1,4 +1,7 @@
-"""python -m tests.vm fetch|run KERNEL... [-- PYTEST ARGS]: the kernel matrix in guests."""
+"""python -m tests.vm fetch|run [KERNEL...] [-- PYTEST ARGS]: the kernel matrix in guests.
+
+Without kernels, the whole matrix (harness.MATRIX); without pytest arguments, each kernel
+runs its own selection from the matrix (tests/kernel)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .harness import DEFAULT_CACHE, GuestRun, VmError, prepare, run_guest
+from .harness import DEFAULT_CACHE, MATRIX, Apt, GuestRun, VmError, prepare, run_guest
 
 
 def _table(runs: list[GuestRun]) -> str:
@@ -37,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["fetch", "run"])
     p.add_argument(
         "kernels",
-        nargs="+",
-        help="6.1, 6.12 (the newest apt offers) or a linux-image-* package name",
+        nargs="*",
+        help="5.10 (Debian 11), 6.1, 6.12 (the newest Debian offers) or a linux-image-* package name",
     )
     p.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help="download cache, outside the checkout"
@@ -52,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         help="copy each guest's share (junit.xml, pytest.log, dmesg) under DIR/KERNEL",
     )
     p.add_argument("--summary", type=Path, help="write the matrix as JSON here")
-    a = p.parse_args(argv)
-    state: dict[str, bool] = {}
+    a = p.parse_intermixed_args(argv)
     try:
-        kernels = [prepare(k, a.cache, state) for k in a.kernels]
+        host = Apt(a.cache)
+        kernels = [prepare(k, a.cache, host) for k in a.kernels or MATRIX]
     except VmError as e:
         print(f"vm: {e}", file=sys.stderr)
         return 2
@@ -67,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs: list[GuestRun] = []
     for k in kernels:
-        print(f"vm: booting {k.label} ({k.kver}) for pytest {' '.join(pytest_args)}", flush=True)
+        args = pytest_args or MATRIX.get(k.label, ["tests/kernel"])
+        print(f"vm: booting {k.label} ({k.kver}) for pytest {' '.join(args)}", flush=True)
         t = time.monotonic()
         try:
             r = run_guest(
                 k,
-                pytest_args or ["tests/kernel"],
+                args,
                 timeout=a.timeout,
                 keep=a.keep / k.label if a.keep else None,
             )
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"vm {k.label}: {t_.outcome.upper():8} {t_.nodeid}"
                 + (f"  -- {t_.message[:200]}" if t_.message and t_.outcome != "passed" else "")
             )
+            for name, value in t_.properties.items():
+                print(f"vm {k.label}:     {name}: {value}")
         c = r.counts()
         print(
             f"vm {k.label}: {r.status}, pytest exit {r.pytest_exit}, {time.monotonic() - t:.0f} s"

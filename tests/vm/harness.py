@@ -31,10 +31,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CACHE = Path(os.environ.get("MEMDEFRAGD_VM_CACHE", "/var/cache/memdefragd-vm"))
 
-# Which Debian package a short kernel name stands for: the newest one apt offers.
+
+# Which Debian package a short kernel name stands for (the newest one apt offers), and the
+# Debian suite it comes from: None is the host's own apt sources (Debian 12); another suite
+# is read through a private apt configuration in the cache (see Apt), so that Debian 11's
+# 5.10, the last long-term kernel before MADV_COLLAPSE, is at hand without touching the
+# host's apt state.
+@dataclass(frozen=True)
+class Series:
+    pattern: re.Pattern[str]
+    suite: str | None = None
+
+
 SERIES = {
-    "6.1": re.compile(r"^linux-image-6\.1\.0-([0-9]+)-amd64-unsigned$"),
-    "6.12": re.compile(r"^linux-image-6\.12\.([0-9]+)\+deb12-amd64-unsigned$"),
+    "5.10": Series(re.compile(r"^linux-image-5\.10\.0-([0-9]+)-amd64-unsigned$"), "bullseye"),
+    "6.1": Series(re.compile(r"^linux-image-6\.1\.0-([0-9]+)-amd64-unsigned$")),
+    "6.12": Series(re.compile(r"^linux-image-6\.12\.([0-9]+)\+deb12-amd64-unsigned$")),
+}
+# The matrix: what each kernel runs when no selection is given. The real-kernel tests
+# everywhere; on 5.10, which has no MADV_COLLAPSE, those marked needs_collapse cannot run
+# and are left out (tests/kernel/test_kernel_features.py asserts the observer there).
+MATRIX: dict[str, list[str]] = {
+    "5.10": ["tests/kernel", "-m", "not needs_collapse"],
+    "6.1": ["tests/kernel"],
+    "6.12": ["tests/kernel"],
 }
 BUSYBOX = "busybox-static"
 # The modules the initramfs loads (with what modules.dep says they need), in this order.
@@ -69,41 +89,81 @@ class Package:
     deb: Path | None = None
 
 
-def apt_show(name: str) -> Package:
-    """The candidate version apt would install, with its SHA256 from the signed index."""
-    r = _run(["apt-cache", "show", "--no-all-versions", name])
-    if r.returncode != 0 or not r.stdout.strip():
-        raise VmError(f"apt-cache show {name} failed: {r.stderr.strip() or 'no such package'}")
-    fields: dict[str, str] = {}
-    for line in r.stdout.splitlines():
-        if line == "":
-            break
-        k, sep, v = line.partition(": ")
-        if sep:
-            fields[k] = v.strip()
-    try:
-        return Package(name, fields["Version"], fields["SHA256"], fields["Filename"])
-    except KeyError as e:
-        raise VmError(f"apt-cache show {name}: no {e.args[0]} field") from None
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"  # holds Debian 11's keys too
 
 
-def _apt_update_once(state: dict[str, bool]) -> bool:
-    if state.get("updated") or os.geteuid() != 0:
-        return False
-    state["updated"] = True
-    print("vm: apt-get update", flush=True)
-    return _run(["apt-get", "update", "-q"]).returncode == 0
+class Apt:
+    """apt-cache / apt-get download for one suite: the host's configuration (suite None),
+    or a private one under cache/apt/SUITE (its own sources, lists and cache; packages
+    still verified against Debian's archive keyring). `apt-get update` runs at most once,
+    and only when a lookup fails (host) or the lists are missing (private)."""
+
+    def __init__(self, cache: Path, suite: str | None = None):
+        self.suite = suite
+        self.updated = False
+        self.options: list[str] = []
+        if suite is None:
+            return
+        top = cache / "apt" / suite
+        for d in ("state/lists/partial", "cache/archives/partial"):
+            (top / d).mkdir(parents=True, exist_ok=True)
+        sources = top / "sources.list"
+        sources.write_text(
+            f"deb [signed-by={KEYRING}] http://deb.debian.org/debian {suite} main\n"
+            f"deb [signed-by={KEYRING}] http://deb.debian.org/debian-security {suite}-security main\n"
+        )
+        self.options = [
+            "-o", f"Dir::Etc::SourceList={sources}",
+            "-o", "Dir::Etc::SourceParts=/nonexistent",
+            "-o", f"Dir::State={top / 'state'}",
+            "-o", f"Dir::Cache={top / 'cache'}",
+            "-o", "Dir::State::status=/var/lib/dpkg/status",
+        ]  # fmt: skip
+        if not any((top / "state" / "lists").glob("*Packages*")):
+            self.update()
+
+    def run(self, tool: str, *args: str, **kw) -> subprocess.CompletedProcess:
+        return _run([tool, *self.options, *args], **kw)
+
+    def update(self) -> bool:
+        """`apt-get update` once (as root, or for a private suite); True if it ran and worked."""
+        if self.updated or (self.suite is None and os.geteuid() != 0):
+            return False
+        self.updated = True
+        print(f"vm: apt-get update ({self.suite or 'host sources'})", flush=True)
+        r = self.run("apt-get", "update", "-q")
+        if r.returncode != 0 and self.suite is not None:
+            raise VmError(f"apt-get update for {self.suite} failed: {r.stderr.strip()[-500:]}")
+        return r.returncode == 0
+
+    def show(self, name: str) -> Package:
+        """The candidate version apt would install, with its SHA256 from the signed index."""
+        r = self.run("apt-cache", "show", "--no-all-versions", name)
+        if r.returncode != 0 or not r.stdout.strip():
+            raise VmError(f"apt-cache show {name} failed: {r.stderr.strip() or 'no such package'}")
+        fields: dict[str, str] = {}
+        for line in r.stdout.splitlines():
+            if line == "":
+                break
+            k, sep, v = line.partition(": ")
+            if sep:
+                fields[k] = v.strip()
+        try:
+            return Package(name, fields["Version"], fields["SHA256"], fields["Filename"])
+        except KeyError as e:
+            raise VmError(f"apt-cache show {name}: no {e.args[0]} field") from None
 
 
-def resolve(kernel: str, state: dict[str, bool]) -> str:
-    """A package name for '6.1' / '6.12' (the newest apt offers), or a full package name."""
+def resolve(kernel: str, apt: Apt) -> str:
+    """A package name for '6.1' / '6.12' / '5.10' (the newest apt offers), or a full name."""
     if kernel.startswith("linux-image-"):
         return kernel
-    pattern = SERIES.get(kernel)
-    if pattern is None:
+    series = SERIES.get(kernel)
+    if series is None:
         raise VmError(f"unknown kernel {kernel!r}: use one of {sorted(SERIES)} or a package name")
+    pattern = series.pattern
     for attempt in range(2):
-        r = _run(["apt-cache", "search", "--names-only", pattern.pattern])
+        r = apt.run("apt-cache", "search", "--names-only", pattern.pattern)
         found = sorted(
             (int(m.group(1)), m.group(0))
             for line in r.stdout.splitlines()
@@ -111,7 +171,7 @@ def resolve(kernel: str, state: dict[str, bool]) -> str:
         )
         if found:
             return found[-1][1]
-        if attempt == 0 and not _apt_update_once(state):
+        if attempt == 0 and not apt.update():
             break
     raise VmError(f"apt offers no package matching {pattern.pattern} (run apt-get update as root?)")
 
@@ -130,10 +190,10 @@ def _deb_path(debs: Path, pkg: Package) -> Path:
     return debs / f"{pkg.name}_{pkg.version.replace(':', '%3a')}_{arch}"
 
 
-def download(name: str, cache: Path, state: dict[str, bool]) -> Package:
+def download(name: str, cache: Path, apt: Apt) -> Package:
     """`apt-get download` the candidate of `name` into cache/debs (once), checked against the
     SHA256 of apt's index; recorded in cache/debs/manifest.json."""
-    pkg = apt_show(name)
+    pkg = apt.show(name)
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     manifest_path = debs / "manifest.json"
@@ -143,11 +203,11 @@ def download(name: str, cache: Path, state: dict[str, bool]) -> Package:
         deb.unlink(missing_ok=True)
         print(f"vm: apt-get download {pkg.name}={pkg.version}", flush=True)
         for attempt in range(2):
-            r = _run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"], cwd=debs)
+            r = apt.run("apt-get", "download", "-q", f"{pkg.name}={pkg.version}", cwd=debs)
             if r.returncode == 0:
                 break
-            if attempt == 0 and _apt_update_once(state):
-                pkg = apt_show(name)
+            if attempt == 0 and apt.update():
+                pkg = apt.show(name)
                 deb = _deb_path(debs, pkg)
                 continue
             raise VmError(f"apt-get download {pkg.name} failed: {r.stderr.strip()[-500:]}")
@@ -318,13 +378,14 @@ def build_initramfs(kroot: Path, kver: str, busybox: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-def prepare(
-    label: str, cache: Path = DEFAULT_CACHE, state: dict[str, bool] | None = None
-) -> Kernel:
-    """Download (once), verify and extract a kernel, and build its initramfs in the cache."""
-    state = {} if state is None else state
+def prepare(label: str, cache: Path = DEFAULT_CACHE, host: Apt | None = None) -> Kernel:
+    """Download (once), verify and extract a kernel, and build its initramfs in the cache.
+    `host` is the host's Apt, shared between calls so that it updates at most once."""
     cache.mkdir(parents=True, exist_ok=True)
-    pkg = download(resolve(label, state), cache, state)
+    host = host or Apt(cache)
+    series = SERIES.get(label)
+    apt = Apt(cache, series.suite) if series and series.suite else host
+    pkg = download(resolve(label, apt), cache, apt)
     kroot = extract(pkg, cache)
     vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
@@ -337,7 +398,7 @@ def prepare(
             k, sep, v = line.partition("=")
             if sep and k.startswith("CONFIG_"):
                 config[k] = v
-    bb = download(BUSYBOX, cache, state)
+    bb = download(BUSYBOX, cache, host)
     bbroot = extract(bb, cache)
     busybox = bbroot / "bin" / "busybox"
     if not busybox.exists():
@@ -359,6 +420,9 @@ class TestResult:
     nodeid: str
     outcome: str  # passed, failed, error, skipped, xfailed
     message: str = ""
+    # What the test recorded with pytest's record_property: evidence worth reading
+    # whatever the outcome (the order a daemon worked in, say).
+    properties: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -389,6 +453,9 @@ def parse_junit(path: Path) -> list[TestResult]:
         cls, name = case.get("classname", ""), case.get("name", "")
         nodeid = f"{cls.replace('.', '/')}.py::{name}" if cls else name
         outcome, message = "passed", ""
+        props = {
+            p.get("name", ""): p.get("value", "") for p in case.iter("property") if p.get("name")
+        }
         for child in case:
             if child.tag in ("failure", "error"):
                 outcome, message = (
@@ -398,7 +465,7 @@ def parse_junit(path: Path) -> list[TestResult]:
             elif child.tag == "skipped":
                 xfail = (child.get("type") or "") == "pytest.xfail"
                 outcome, message = ("xfailed" if xfail else "skipped"), child.get("message", "")
-        results.append(TestResult(nodeid, outcome, message))
+        results.append(TestResult(nodeid, outcome, message, props))
     return results
 
 

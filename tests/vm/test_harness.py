@@ -9,10 +9,12 @@ from tests.vm.harness import SERIES, Cpio, Package, _deb_path, parse_junit
 
 
 def test_series_match_the_amd64_flavour_only():
-    assert SERIES["6.1"].match("linux-image-6.1.0-57-amd64-unsigned")
-    assert not SERIES["6.1"].match("linux-image-6.1.0-57-cloud-amd64-unsigned")  # no 9p
-    assert SERIES["6.12"].match("linux-image-6.12.118+deb12-amd64-unsigned")
-    assert not SERIES["6.12"].match("linux-image-6.12.118+deb12-rt-amd64-unsigned")
+    assert SERIES["5.10"].pattern.match("linux-image-5.10.0-46-amd64-unsigned")
+    assert SERIES["5.10"].suite == "bullseye"
+    assert SERIES["6.1"].pattern.match("linux-image-6.1.0-57-amd64-unsigned")
+    assert not SERIES["6.1"].pattern.match("linux-image-6.1.0-57-cloud-amd64-unsigned")  # no 9p
+    assert SERIES["6.12"].pattern.match("linux-image-6.12.118+deb12-amd64-unsigned")
+    assert not SERIES["6.12"].pattern.match("linux-image-6.12.118+deb12-rt-amd64-unsigned")
 
 
 def test_deb_path_is_where_apt_get_download_puts_it():
@@ -55,13 +57,16 @@ def test_cpio_newc_entries_are_aligned_and_terminated():
 def test_junit_outcomes(tmp_path):
     (tmp_path / "j.xml").write_text(
         '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.kernel.test_a" name="test_ok"/>'
+        '<testcase classname="tests.kernel.test_a" name="test_ok"><properties>'
+        '<property name="order" value="hot, cold"/></properties></testcase>'
         '<testcase classname="tests.kernel.test_a" name="test_bad"><failure message="boom"/></testcase>'
         '<testcase classname="tests.kernel.test_a" name="test_skip"><skipped type="pytest.skip" message="no"/></testcase>'
         '<testcase classname="tests.kernel.test_a" name="test_x"><skipped type="pytest.xfail" message="known"/></testcase>'
         "</testsuite></testsuites>"
     )
-    got = [(r.nodeid, r.outcome) for r in parse_junit(tmp_path / "j.xml")]
+    results = parse_junit(tmp_path / "j.xml")
+    assert results[0].properties == {"order": "hot, cold"}
+    got = [(r.nodeid, r.outcome) for r in results]
     assert got == [
         ("tests/kernel/test_a.py::test_ok", "passed"),
         ("tests/kernel/test_a.py::test_bad", "failed"),

@@ -27,7 +27,7 @@ import numpy as np
 from ...model import AccessDenied, ProcessGone, ProcessInfo, Vma
 from ...pipeline.plan.access import hotness_from_ranges, hotness_from_referenced
 from ..protocol import AccessSampler
-from .damon import Damon, DamonUnavailable
+from .damon import SETTLE, Damon, DamonUnavailable
 from .procs import ProcDir
 
 log = logging.getLogger("memdefragd")
@@ -39,6 +39,7 @@ class DamonSampler:
     """Hotness per region from our kdamond."""
 
     name = "damon"
+    settle = SETTLE
 
     def __init__(self, damon: Damon):
         """`damon` is opened already; `close()` closes it."""
@@ -73,6 +74,7 @@ class ReferencedSampler:
     """Hotness per VMA: clear_refs, then smaps' Referenced over Rss at the next scan."""
 
     name = "referenced"
+    settle = 0.0  # figures after one window: Windows' own rule
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from ...model import (
     AccessDenied,
     Layout,
     MemoryState,
+    Method,
     Outcome,
     PfnVisibility,
     ProcessGone,
@@ -42,6 +43,7 @@ KHUGEPAGED_KNOBS = (
 
 class KernelBackend:
     name = "kernel"
+    methods = frozenset({Method.COLLAPSE.value, Method.RANGER.value})
 
     def __init__(
         self,
@@ -202,6 +204,12 @@ class KernelBackend:
             finally:
                 os.close(fd)
             d.check_identity(proc)  # everything read above was of this very process
+
+    def limitations(self) -> list[str]:
+        # MADV_COLLAPSE is the config's business (config/plan.check_methods), DAMON the
+        # access sampler's; what is left is how memory is read.
+        reason = self.pagemap_scan_refusal()
+        return [] if reason is None else [reason]
 
     def pagemap_scan_refusal(self) -> str | None:
         """None where layouts are read with PAGEMAP_SCAN (Linux 6.7+); else why not and what

@@ -73,8 +73,7 @@ def madv_collapse_refusal() -> str | None:
         return None
     return (
         f"this kernel ({os.uname().release}) does not know MADV_COLLAPSE (Linux 6.1+; "
-        f"madvise said {errno.errorcode.get(err, err)}): memdefragd can only measure here "
-        "(targets with mode: observe)"
+        f"madvise said {errno.errorcode.get(err, err)}): memdefragd can only measure here"
     )
 
 

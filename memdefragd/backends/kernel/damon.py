@@ -36,6 +36,15 @@ log = logging.getLogger("memdefragd")
 ADMIN = "/sys/kernel/mm/damon/admin"
 STATE_FILE = "/run/memdefragd/damon.json"
 WARMUP = 2.0  # seconds of monitoring before a process's figures mean something
+# DAMON starts from a few regions spanning the whole address space and splits them as it
+# learns, so its first readings can show no access anywhere in a busy process (seen on
+# 6.12 under emulation: 10-12 regions, none accessed, after 3 s; the hot half found after
+# 6 s). Such a reading is believed only after SETTLE seconds: then the process is idle.
+SETTLE = 10.0
+ULONG_MAX = 2**64 - 1
+UINT_MAX = 2**32 - 1
+# A `stat` scheme's access pattern that every region matches (min 0, max the type's limit).
+ACCESS_PATTERN = {"sz": ULONG_MAX, "nr_accesses": UINT_MAX, "age": UINT_MAX}
 
 
 class DamonUnavailable(Exception):
@@ -207,6 +216,11 @@ class Damon:
         for i in range(len(want)):
             s = f"{ctx}/schemes/{i}"
             self._write(f"{s}/action", "stat")
+            # Every region qualifies: the sysfs defaults of each range are 0..0, which
+            # would leave tried_regions empty.
+            for rng, top in ACCESS_PATTERN.items():
+                self._write(f"{s}/access_pattern/{rng}/min", 0)
+                self._write(f"{s}/access_pattern/{rng}/max", top)
             filters = f"{s}/core_filters" if self._exists(f"{s}/core_filters") else f"{s}/filters"
             self._write(f"{filters}/nr_filters", 1)
             f = f"{filters}/0"
@@ -252,13 +266,21 @@ class Damon:
             rows.sort()
             arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
             self._ranges[pid] = (arr[:, 0], arr[:, 1], np.minimum(arr[:, 2] / top, 1.0))
+            log.debug(
+                "DAMON: pid %d: %d region(s), most accesses %d of %d samples, %.1f s monitored",
+                pid, len(rows), int(arr[:, 2].max(initial=0)), top, self.clock() - self.started,
+            )  # fmt: skip
 
     def ranges(self, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(starts, ends, frequency) of the process's regions; None until it has been
-        monitored for WARMUP seconds."""
-        if pid not in self.pids or self.clock() - self.started < WARMUP:
+        monitored for WARMUP seconds, and while no region shows an access before SETTLE."""
+        monitored = self.clock() - self.started
+        if pid not in self.pids or monitored < WARMUP:
             return None
-        return self._ranges.get(pid)
+        got = self._ranges.get(pid)
+        if got is not None and monitored < SETTLE and not got[2].any():
+            return None  # DAMON has not found the working set yet
+        return got
 
 
 def _boot_id() -> str:

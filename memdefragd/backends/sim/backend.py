@@ -88,6 +88,7 @@ class SimHandle:
 
 class SimBackend:
     name = "simulated"
+    methods = frozenset(map(str, METHODS))
 
     def __init__(self, machine: Machine, window_pages: int = WINDOW_PAGES):
         if window_pages % PMD_PAGES:
@@ -254,6 +255,9 @@ class SimBackend:
 
     def privilege_problems(self) -> list[str]:
         return []  # a machine in memory: nothing to be allowed
+
+    def limitations(self) -> list[str]:
+        return []  # the simulator models what it models; see its README section
 
     def refusal(self, method: str) -> str | None:
         if method not in METHODS:

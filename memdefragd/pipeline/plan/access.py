@@ -32,11 +32,13 @@ class Windows:
 
     A process is first measured one window after it is first asked about: FIRST_WINDOW,
     or the scan interval where that is shorter. If no figures have come after three such
-    windows and a scan interval (the sampler refused the process, say), none are coming:
-    it is worked on without them.
+    windows and a scan interval, or after the sampler's own `settle` time and a scan
+    interval where that is longer (DAMON's regions take seconds to find a working set),
+    none are coming (the sampler refused the process, say): it is worked on without them.
     """
 
     scan_interval: float
+    settle: float = 0.0  # the sampler's: how long a new process may go without figures
 
     @property
     def first(self) -> float:
@@ -44,7 +46,7 @@ class Windows:
 
     @property
     def patience(self) -> float:
-        return 3 * self.first + self.scan_interval
+        return max(3 * self.first, self.settle) + self.scan_interval
 
     def given_up(self, waiting_since: float, now: float) -> bool:
         """No figures are coming for a process waiting for them since `waiting_since`."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from memdefragd.backends.kernel.access import DamonSampler
-from memdefragd.backends.kernel.damon import WARMUP, Damon, DamonUnavailable, _boot_id
+from memdefragd.backends.kernel.damon import SETTLE, WARMUP, Damon, DamonUnavailable, _boot_id
 from memdefragd.model import PMD_SIZE, ProcessInfo, Vma
 
 BASE = 1 << 30
@@ -56,6 +56,8 @@ class FakeDamon(Damon):
             for i in range(int(v)):
                 _files(path.parent / str(i), action="")
                 _files(path.parent / f"{i}/core_filters", nr_filters="0")
+                for rng in ("sz", "nr_accesses", "age"):  # the kernel's defaults: 0..0
+                    _files(path.parent / f"{i}/access_pattern/{rng}", min="0", max="0")
                 (path.parent / f"{i}/tried_regions").mkdir(exist_ok=True)
         elif rel.endswith("filters/nr_filters"):
             for i in range(int(v)):
@@ -71,9 +73,28 @@ class FakeDamon(Damon):
         ctx = self.root / "kdamonds/0/contexts/0"
         for t in sorted(ctx.glob("targets/[0-9]*")):
             pid = int((t / "pid_target").read_text())
-            tried = ctx / f"schemes/{t.name}/tried_regions"
-            for i, (s, e, n) in enumerate(self.regions.get(pid, [])):
-                _files(tried / str(i), start=str(s), end=str(e), nr_accesses=str(n), age="3")
+            scheme = ctx / f"schemes/{t.name}"
+
+            def within(rng: str, x: int, scheme: Path = scheme) -> bool:
+                lo, hi = (
+                    int((scheme / f"access_pattern/{rng}/{m}").read_text()) for m in ("min", "max")
+                )
+                return lo <= x <= hi
+
+            age = 3
+            tried = [
+                (s, e, n)
+                for s, e, n in self.regions.get(pid, [])
+                if within("sz", e - s) and within("nr_accesses", n) and within("age", age)
+            ]  # a scheme tries only the regions its access pattern matches
+            for i, (s, e, n) in enumerate(tried):
+                _files(
+                    scheme / f"tried_regions/{i}",
+                    start=str(s),
+                    end=str(e),
+                    nr_accesses=str(n),
+                    age=str(age),
+                )
 
 
 def _files(d: Path, **files: str) -> None:
@@ -153,6 +174,11 @@ def test_our_kdamond_monitors_each_process_and_goes_away_on_close(root):
     n = len(d.writes)
     d.watch([10, 11])  # same set: nothing rewritten
     assert len(d.writes) == n
+    # pid 11: no access seen in any region; believed (an idle process) only after SETTLE
+    assert d.ranges(11) is None
+    t[0] = SETTLE
+    d.refresh()
+    assert d.ranges(11)[2].tolist() == [0.0]
     sampler.close()
     assert (root / "kdamonds/nr_kdamonds").read_text() == "0\n"
     assert not d.state_file.exists()

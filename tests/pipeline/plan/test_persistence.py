@@ -315,6 +315,8 @@ def test_access_windows():
     assert not w.given_up(100.0, 100.0 + w.patience) and w.given_up(100.0, 100.1 + w.patience)
     quick = Windows(scan_interval=2.0)  # a scan interval shorter than the first window
     assert (quick.first, quick.patience) == (2.0, 8.0)
+    slow = Windows(scan_interval=2.0, settle=10.0)  # a sampler that takes 10 s to learn
+    assert slow.patience == 12.0
 
 
 def test_a_sampler_is_asked_about_collapsible_regions_and_answers_by_vma():
