@@ -1,7 +1,9 @@
 # The README's two commands:
 #   make run    set up a virtualenv and run the daemon in the foreground on
 #               etc/memdefragd.yaml (CONFIG=FILE for another), until Ctrl-C
-#   make test   set up and run the whole test suite (ruff, mypy, unit, real-kernel, end-to-end)
+#   make test   set up and run the whole test suite (ruff, mypy, unit, real-kernel, end-to-end),
+#               then the real-kernel tests again in QEMU guests of Debian's 5.10, 6.1 and 6.12
+#               (about 35 minutes more; `make check` is everything but the guests)
 # Both install what they need: Debian packages when run as root (or with sudo), then a
 # virtualenv in .venv with the package and its dependencies.
 
@@ -15,12 +17,14 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linu
 # (systemd-container and debootstrap: the end-to-end test of the systemd unit boots a
 # container with systemd-nspawn, in tests/deploy/)
 
-.PHONY: run test lint typecheck setup system-deps promtool clean install uninstall vm-deps vm-fetch vm-test
+.PHONY: run test check lint typecheck setup system-deps promtool clean install uninstall vm-deps vm-fetch vm-test
 
 run: setup
 	$(BIN)/memdefragd run --config $(CONFIG)
 
-test: setup lint typecheck promtool
+test: check vm-test
+
+check: setup lint typecheck promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -31,6 +35,11 @@ lint: setup
 # that both backends satisfy the backend protocol.
 typecheck: setup
 	$(BIN)/mypy
+
+# etc/grafana/memdefragd.json is generated: edit tools/dashboard.py, then this.
+.PHONY: dashboard
+dashboard: setup
+	$(BIN)/python -m tools.dashboard
 
 setup: $(VENV)/.installed
 
@@ -74,14 +83,16 @@ promtool:
 	else echo "note: could not extract usr/bin/promtool from $$deb: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; fi
 
 # ---------------------------------------------------------------- kernels in guests
-# make vm-test [KERNELS="6.1 6.12"] [VM_TESTS=tests/kernel] [VM_ARGS=...]: the real-kernel
+# make vm-test [KERNELS="6.1 6.12"] [VM_TESTS=tests/kernel/...] [VM_ARGS=...]: the real-kernel
 # tests in QEMU guests (software emulation) of Debian's own kernels, the host root read-only
-# over 9p (tests/vm/, README "Kernels"). The kernels and busybox-static come from apt
-# (`apt-get download`, checked against the SHA256 that apt's signed index gives) into
-# $(VM_CACHE), outside the checkout; `make vm-fetch` only downloads and builds the initramfs.
+# over 9p (tests/vm/, README "Kernels"). By default the matrix of tests/vm/harness.py
+# (5.10, 6.1, 6.12, each with its own selection). The kernels and busybox-static come from
+# apt (`apt-get download`, checked against the SHA256 that apt's signed index gives; 5.10
+# through a private apt configuration for Debian 11 in the cache) into $(VM_CACHE), outside
+# the checkout; `make vm-fetch` only downloads and builds the initramfs.
 VM_APT_PACKAGES := qemu-system-x86
-KERNELS ?= 6.1 6.12
-VM_TESTS ?= tests/kernel
+KERNELS ?=
+VM_TESTS ?=
 VM_CACHE ?= /var/cache/memdefragd-vm
 VM_ARGS ?=
 
@@ -92,7 +103,7 @@ vm-fetch: setup vm-deps
 	$(BIN)/python -m tests.vm fetch --cache $(VM_CACHE) $(KERNELS)
 
 vm-test: vm-fetch
-	$(BIN)/python -m tests.vm run --cache $(VM_CACHE) $(VM_ARGS) $(KERNELS) -- $(VM_TESTS)
+	$(BIN)/python -m tests.vm run --cache $(VM_CACHE) $(VM_ARGS) $(KERNELS) $(if $(VM_TESTS),-- $(VM_TESTS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

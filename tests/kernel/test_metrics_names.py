@@ -88,6 +88,7 @@ def exposition_types(text: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.needs_collapse
 def test_dashboard_and_rules_use_only_what_a_live_scrape_has(spawn, daemon, tmp_path):
     """Names first (they need no promtool), then `promtool check metrics` on the text."""
     child = spawn(64 * MiB, comm="mdd-names")

@@ -34,6 +34,7 @@ def wait_huge(child, want: float, timeout: float, d) -> int:
     return huge
 
 
+@pytest.mark.needs_collapse
 def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons, tmp_path):
     scan = 5.0
     child = spawn(256 * MiB, pattern=True, forkable=True, comm="mdd-forker")
@@ -62,6 +63,7 @@ def test_fork_child_exit_restores_parent_coverage_and_keeps_data(spawn, daemons,
     assert result["bad"] == [] and result["checked"] == child.size // 4096
 
 
+@pytest.mark.needs_collapse
 def test_hot_part_of_the_heap_is_collapsed_before_the_cold_part(spawn, daemons, tmp_path):
     # Cold half first in address order (so address order alone would do it the wrong way
     # round), a PROT_NONE page between the halves (the Referenced fallback measures per

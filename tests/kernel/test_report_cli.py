@@ -36,6 +36,7 @@ def half_collapsed(spawn):
     return child
 
 
+@pytest.mark.needs_collapse
 def test_json_report_of_a_half_collapsed_mapping(half_collapsed, pfns):
     child = half_collapsed
     r = run("--pid", str(child.pid), "--json")
@@ -53,6 +54,7 @@ def test_json_report_of_a_half_collapsed_mapping(half_collapsed, pfns):
     assert c["coverage_ratio"]["32"] >= 0.5
 
 
+@pytest.mark.needs_collapse
 def test_text_report_names_the_process_and_its_figures(half_collapsed, pfns):
     child = half_collapsed
     r = run("--pid", str(child.pid))
@@ -67,6 +69,7 @@ def test_text_report_names_the_process_and_its_figures(half_collapsed, pfns):
 
 
 @NO_SCAN_NO_CAP_THP_BUG
+@pytest.mark.needs_collapse
 def test_without_cap_sys_admin_contiguity_is_withheld_not_faked(half_collapsed):
     child = half_collapsed
     setpriv = shutil.which("setpriv")

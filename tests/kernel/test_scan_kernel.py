@@ -97,6 +97,7 @@ def any_backend(request):
 # ---- THP figures --------------------------------------------------------------------
 
 
+@pytest.mark.needs_collapse
 def test_half_collapsed_mapping_thp_figures(spawn, any_backend):
     child = spawn(64 * MiB, collapse=(0, 32 * MiB))
     require_collapsed(child)
@@ -131,6 +132,7 @@ def test_half_collapsed_mapping_thp_figures(spawn, any_backend):
     ],
     ids=["scan", "fallback"],
 )
+@pytest.mark.needs_collapse
 def test_pte_mapped_thp_is_not_counted_as_thp(spawn, pfns, use_scan):
     """A 2 MiB folio whose PMD was split into PTEs (same frames, still contiguous and
     aligned) is not PMD-mapped: smaps leaves it out of AnonHugePages, and the metrics must
@@ -169,6 +171,7 @@ def test_pte_mapped_thp_is_not_counted_as_thp(spawn, pfns, use_scan):
 # ---- contiguity against a brute-force reading of pagemap ------------------------------
 
 
+@pytest.mark.needs_collapse
 def test_contiguity_matches_brute_force(spawn, any_backend, pfns):
     size = 64 * MiB
     child = spawn(
@@ -222,6 +225,7 @@ def _release() -> tuple[int, int]:
     return int(major), int(re.match(r"\d+", minor).group())
 
 
+@pytest.mark.needs_collapse
 def test_pagemap_scan_support_is_said_and_the_fallback_taken(spawn, pfns):
     """PAGEMAP_SCAN came in Linux 6.7: memdefragd finds it there, and elsewhere (Debian's
     6.1 in tests/vm) says it is missing and reads through /proc/kpageflags instead, with
@@ -245,6 +249,7 @@ def test_pagemap_scan_support_is_said_and_the_fallback_taken(spawn, pfns):
 
 
 @pytest.mark.parametrize("density", ["sparse", "dense"])
+@pytest.mark.needs_collapse
 def test_fallback_and_scan_agree(spawn, fallback_backend, pfns, density):
     child = spawn(32 * MiB, collapse=(4 * MiB, 8 * MiB), punch=[(20 * MiB, 8 * MiB, 13)])
     require_collapsed(child)
@@ -307,6 +312,7 @@ def _without_cap_sys_admin(argv: list[str]) -> list[str]:
 
 
 @NO_SCAN_NO_CAP_THP_BUG
+@pytest.mark.needs_collapse
 def test_no_cap_sys_admin_hides_pfns_but_not_thps(spawn):
     child = spawn(16 * MiB, collapse=(0, 8 * MiB))
     require_collapsed(child)
@@ -483,6 +489,7 @@ def test_memory_state(backend):
 # ---- VmFlags and MADV_COLLAPSE ----------------------------------------------------------
 
 
+@pytest.mark.needs_collapse
 def test_dontdump_mapping_is_collapse_eligible(spawn, backend):
     child = spawn(8 * MiB, advise=[MADV_DONTDUMP], collapse=(0, 2 * MiB))
     require_collapsed(child)  # the kernel collapsed a VM_DONTDUMP mapping...

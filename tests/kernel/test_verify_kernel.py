@@ -15,6 +15,7 @@ from .test_scan_kernel import any_backend, require_collapsed  # noqa: F401  (a f
 pytestmark = pytest.mark.kernel
 
 
+@pytest.mark.needs_collapse
 def test_a_request_is_verified_by_its_ranges(spawn, any_backend):  # noqa: F811
     child = spawn(64 * MiB, collapse=(0, 32 * MiB))
     require_collapsed(child)

@@ -50,9 +50,21 @@ SERIES = {
 }
 # The matrix: what each kernel runs when no selection is given. The real-kernel tests
 # everywhere; on 5.10, which has no MADV_COLLAPSE, those marked needs_collapse cannot run
-# and are left out (tests/kernel/test_kernel_features.py asserts the observer there).
+# and are left out (tests/kernel/test_kernel_features.py asserts the observer there), and
+# so are the two discovery tests that need proc events: pyroute2 cannot read 5.10's answer
+# to the subscription (a message 4 bytes shorter than it unpacks), so memdefragd says so
+# and lists /proc instead (tests/backends/kernel/test_events.py).
+_NO_EVENTS = [
+    "tests/kernel/test_discovery.py::test_exec_is_picked_up_within_a_second_and_dropped_on_exit",
+    "tests/kernel/test_discovery.py::test_without_the_host_network_namespace_discovery_lists",
+]
 MATRIX: dict[str, list[str]] = {
-    "5.10": ["tests/kernel", "-m", "not needs_collapse"],
+    "5.10": [
+        "tests/kernel",
+        "-m",
+        "not needs_collapse",
+        *(arg for t in _NO_EVENTS for arg in ("--deselect", t)),
+    ],
     "6.1": ["tests/kernel"],
     "6.12": ["tests/kernel"],
 }

@@ -25,6 +25,7 @@ import gc
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ NAMESPACE_HINT = (
     "run memdefragd in the host's network, PID and user namespaces for prompt discovery"
 )
 CAPABILITY_HINT = "give memdefragd CAP_NET_ADMIN for prompt discovery"
+OLD_KERNEL_HINT = "prompt discovery needs Linux 6.1 or later here"
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
 _SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in Python's socket module
 
@@ -123,6 +125,10 @@ class ProcEvents:
         refuses proc events here: then discovery falls back to periodic listing."""
         if self._thread is not None:
             return self.available
+        if self._factory is None:
+            # Loaded before the clock starts: the timeout is for the kernel's answer, and
+            # importing pyroute2 alone took 13 s in an emulated guest (tests/vm).
+            import pyroute2  # noqa: F401
         self._thread = threading.Thread(target=self._run, name="procevents", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
@@ -274,7 +280,13 @@ def open_socket(rcvbuf: int | None = None) -> Any:
             except PermissionError:
                 ps.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         ps.bind()
-        ps.control(listen=True)
+        try:
+            ps.control(listen=True)
+        except struct.error as e:  # Linux 5.10 answers with a shorter message
+            raise EventsUnavailable(
+                f"pyroute2 cannot read this kernel's answer to the subscription ({e})",
+                hint=OLD_KERNEL_HINT,
+            ) from e
     except BaseException:
         _close_quietly(ps)
         raise

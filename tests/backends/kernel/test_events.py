@@ -5,6 +5,7 @@ tests/pipeline/test_discover.py with the reader)."""
 from __future__ import annotations
 
 import itertools
+import struct
 import threading
 import time
 
@@ -187,3 +188,36 @@ def test_namespace_problem(tmp_path, nspid, uid_map, problem):
 def test_the_kernel_backend_hands_out_an_unstarted_reader():
     ev = KernelBackend().process_events()
     assert isinstance(ev, ProcEvents) and not ev.running and not ev.available
+
+
+def test_a_kernel_whose_subscription_answer_pyroute2_cannot_read_lists_instead(monkeypatch):
+    """Linux 5.10 answers PROC_CN_MCAST_LISTEN with a message 4 bytes shorter than
+    pyroute2 unpacks (seen in tests/vm): events are said unavailable, with the cause."""
+    import pyroute2
+
+    import memdefragd.backends.kernel.events as mod
+
+    class OldKernelSocket:
+        def setsockopt(self, *a):
+            pass
+
+        def bind(self):
+            pass
+
+        def control(self, listen):
+            raise struct.error("unpack_from requires a buffer of at least 44 bytes")
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(mod, "namespace_problem", lambda: None)
+    monkeypatch.setattr(mod, "_check_permission", lambda: None)
+    monkeypatch.setattr(pyroute2, "ProcEventSocket", OldKernelSocket)
+    ev = mod.ProcEvents()
+    assert ev.start(timeout=5) is False
+    assert ev.error == (
+        "pyroute2 cannot read this kernel's answer to the subscription "
+        "(unpack_from requires a buffer of at least 44 bytes)"
+    )
+    assert ev.hint == mod.OLD_KERNEL_HINT
+    assert not ev.available
