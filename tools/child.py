@@ -20,6 +20,9 @@ merge with it. With ``forkable``, MADV_DONTDUMP does that instead, so that a for
               it (Linux 5.14+, else one byte written per page), fast, the pages left zero.
     pattern   with "touch": page i also starts with the 32-bit word i + 0xdead0000 (the
               kernel selftest's integrity pattern), for "verify" and "fork"
+    shuffle   with "touch": a seed; the pages are faulted in that random order, so that
+              neighbouring pages land in unrelated frames (a fragmented layout, one run
+              per page, for Translation Ranger to mend)
     punch     [[off, len, every]...]: MADV_DONTNEED every ``every``-th page there
     collapse  [off, len]: the child's own MADV_COLLAPSE there, EAGAIN tried again
     split     offsets of PMD mappings to split into PTEs, the 2 MiB folio kept
@@ -198,7 +201,10 @@ def mapping_program(cfg: dict[str, Any]) -> None:
     if cfg.get("populate", "touch") == "write":
         populate_write(addr, size)
     else:
-        for page in pages(touch):  # one write per page: 4 KiB faults
+        order = list(pages(touch))
+        if cfg.get("shuffle") is not None:
+            random.Random(cfg["shuffle"]).shuffle(order)
+        for page in order:  # one write per page: 4 KiB faults
             ctypes.memset(addr + page, 0x5A, PAGE)
             if cfg.get("pattern"):
                 word = ctypes.c_uint32.from_address(addr + page)

@@ -8,17 +8,27 @@ figures come from two full scans, so they show what really changed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..backends.kernel.backend import KernelBackend
-from ..backends.kernel.collapse import collapse
+from ..backends.kernel.collapse import CANCELLED, collapse
 from ..backends.kernel.procs import PidHandle
+from ..backends.kernel.ranger import (
+    Ranger,
+    RangerUnavailable,
+    summarize,
+    syscall_check,
+    vmstat_counters,
+)
+from ..config import DEFAULT_PATH as DEFAULT_CONFIG
+from ..config import ConfigError, load_config
 from ..model import PAGE_SIZE, PMD_SIZE, AccessDenied, Method, ProcessGone, ProcessInfo
 from ..pipeline.plan.scheduler import Candidate, Scheduler, SchedulerSettings
 from ..pipeline.scan import ProcessReport, scan_process
@@ -38,6 +48,8 @@ class DefragResult:
     failures: dict[str, int]
     stopped: str
     seconds: float
+    method: str = Method.COLLAPSE.value
+    kernel_counters: dict[str, int] = field(default_factory=dict)  # ranger's vmstat deltas
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -59,10 +71,16 @@ def defrag(
     span: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] = lambda done, total: None,
     should_stop: Callable[[], bool] = lambda: False,
+    ranger: Ranger | None = None,
 ) -> DefragResult:
-    """Collapse every collapsible region of `proc` (within `span`); raises ProcessGone."""
+    """Collapse every collapsible region of `proc` (within `span`); raises ProcessGone.
+    Method 'ranger' takes a `ranger` (a Translation Ranger kernel's syscall) instead."""
+    if method == Method.RANGER.value:
+        if ranger is None or span is not None:
+            raise ValueError("method 'ranger' needs a Ranger and works on the whole process")
+        return _ranger_pass(backend, proc, ranger, should_stop)
     if method != "collapse":
-        raise ValueError(f"method {method!r}: only 'collapse' is available on this kernel")
+        raise ValueError(f"method {method!r}: only 'collapse' and 'ranger' exist here")
     max_ptes_none = backend.memory_state().max_ptes_none
     before = scan_process(backend, proc, collect=True, max_ptes_none=max_ptes_none)
     me = Target("defrag")
@@ -103,6 +121,36 @@ def defrag(
     )
 
 
+def _ranger_pass(
+    backend: KernelBackend, proc: ProcessInfo, ranger: Ranger, should_stop: Callable[[], bool]
+) -> DefragResult:
+    """Translation Ranger's own pass over the whole process, as its launcher runs it:
+    action 1 (every VMA eligible), then action 3 until the kernel says the pass is
+    complete. Before and after come from our pagemap scans; what it did per 2 MiB chunk,
+    and why chunks failed, from its log."""
+    max_ptes_none = backend.memory_state().max_ptes_none
+    before = scan_process(backend, proc, collect=True, max_ptes_none=max_ptes_none)
+    counters = vmstat_counters(backend.proc_root)
+    t0 = time.monotonic()
+    with PidHandle(proc, backend.proc_root) as handle:
+        ranger.mark_all(handle)
+        done = ranger.defrag(handle, should_stop=should_stop)
+    seconds = time.monotonic() - t0
+    after = scan_process(backend, proc, max_ptes_none=max_ptes_none)
+    summary = summarize(done.log.chunks)
+    moved = {
+        k: v - counters.get(k, 0)
+        for k, v in vmstat_counters(backend.proc_root).items()
+        if v != counters.get(k, 0)
+    }
+    return DefragResult(
+        before, after, done.calls,
+        summary.chunks * PMD_SIZE, summary.clean_chunks * PMD_SIZE,
+        dict(summary.chunk_failures), "" if done.complete else CANCELLED, seconds,
+        method=Method.RANGER.value, kernel_counters=moved,
+    )  # fmt: skip
+
+
 def _bytes_bar() -> Callable[[int, int], None]:
     """The progress bar, fed bytes done of bytes to do."""
     show = progress_bar()
@@ -127,10 +175,22 @@ def render(result: DefragResult) -> str:
     p = result.before.proc
     out = [f"PID {p.pid}  {p.comm}", f"  {'':<22}{'before':>14}{'after':>14}"]
     out += [f"  {name:<22}{x:>14}{y:>14}" for name, x, y in rows]
-    out.append(
-        f"  {result.requests} request(s), {format_size(result.bytes_attempted)} attempted, "
-        f"{format_size(result.bytes_done)} collapsed in {result.seconds:.2f} s"
-    )
+    if result.method == Method.RANGER.value:
+        out.append(
+            f"  Translation Ranger: {result.requests} call(s) of its pass, "
+            f"{result.bytes_attempted // PMD_SIZE} 2 MiB chunk(s) worked on, "
+            f"{result.bytes_done // PMD_SIZE} without a failed page, in {result.seconds:.2f} s"
+        )
+        if result.kernel_counters:
+            out.append(
+                "  kernel counters: "
+                + ", ".join(f"{k} +{v}" for k, v in sorted(result.kernel_counters.items()))
+            )
+    else:
+        out.append(
+            f"  {result.requests} request(s), {format_size(result.bytes_attempted)} attempted, "
+            f"{format_size(result.bytes_done)} collapsed in {result.seconds:.2f} s"
+        )
     if result.failures:
         out.append(
             "  failures: " + ", ".join(f"{k} {v}" for k, v in sorted(result.failures.items()))
@@ -168,7 +228,9 @@ def set_argparser(sub: Subparsers) -> None:
         "defrag",
         help="one pass over one process now: scan, collapse, verify, print before/after",
         description="Collapse every collapsible 2 MiB region of one process now, without\n"
-        "the daemon's budgets, and print its figures before and after.",
+        "the daemon's budgets, and print its figures before and after. With --method\n"
+        "ranger, on a kernel patched with Translation Ranger, run its pass over the\n"
+        "whole process instead.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dfr.add_argument("--pid", type=int, required=True, help="the process")
@@ -180,6 +242,26 @@ def set_argparser(sub: Subparsers) -> None:
         "Translation Ranger, only on a kernel patched with it",
     )
     dfr.add_argument(
+        "--ranger-syscall",
+        type=int,
+        metavar="N",
+        help="scan_process_memory's number on this Translation Ranger kernel (default: "
+        "daemon.ranger.syscall of --config); checked in a child process before use",
+    )
+    dfr.add_argument(
+        "--breakout-chunks",
+        type=int,
+        metavar="N",
+        help="ranger: 2 MiB chunks per call of its pass (num_breakout_chunks, put back "
+        "after; default: daemon.ranger.breakout_chunks of --config, else left as it is)",
+    )
+    dfr.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"config to take the ranger settings from (default: {DEFAULT_CONFIG}, if present)",
+    )
+    dfr.add_argument(
         "--range",
         metavar="START-END",
         help="only regions inside this address range (hex, as in /proc/PID/maps)",
@@ -187,26 +269,50 @@ def set_argparser(sub: Subparsers) -> None:
     dfr.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    from ..backends.kernel.ranger import ranger_refusal
+def _ranger(args: argparse.Namespace) -> Ranger:
+    """The Ranger this command line asks for, its number checked in a child process;
+    RangerUnavailable (or ConfigError) says why not."""
+    nr, chunks = args.ranger_syscall, args.breakout_chunks
+    if (nr is None or chunks is None) and os.path.exists(args.config):
+        daemon = load_config(args.config).daemon
+        nr = daemon.ranger_syscall if nr is None else nr
+        chunks = daemon.ranger_breakout_chunks if chunks is None else chunks
+    ranger = Ranger(nr, breakout_chunks=chunks)
+    wrong = syscall_check(ranger.syscall_nr)
+    if wrong is not None:
+        raise RangerUnavailable(wrong)
+    return ranger
 
-    if args.method == "ranger":
-        print(f"memdefragd: {ranger_refusal(None)}", file=sys.stderr)
-        return 2
+
+def main(args: argparse.Namespace) -> int:
     try:
         span = parse_range(args.range) if args.range else None
     except ValueError as e:
         print(f"memdefragd: --range: {e}", file=sys.stderr)
         return 2
+    ranger = None
+    if args.method == Method.RANGER.value:
+        if span is not None:
+            print("memdefragd: --range: Translation Ranger's pass covers the whole process",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            ranger = _ranger(args)
+        except (RangerUnavailable, ConfigError, ValueError) as e:
+            why = str(e) if str(e).startswith("method 'ranger'") else f"method 'ranger': {e}"
+            print(f"memdefragd: {why}", file=sys.stderr)
+            return 2
     backend = KernelBackend()
-    reason = backend.refusal(args.method)
+    reason = None if ranger else backend.refusal(args.method)
     if reason is not None:  # a kernel before 6.1: say so rather than fail per region
         backend.close()
         print(f"memdefragd: method {args.method!r}: {reason}", file=sys.stderr)
         return 2
     try:
         proc = backend.process(args.pid)
-        result = defrag(backend, proc, span=span, progress=_bytes_bar())
+        result = defrag(
+            backend, proc, method=args.method, span=span, progress=_bytes_bar(), ranger=ranger
+        )
     except (ProcessGone, AccessDenied) as e:
         print(f"memdefragd: {e}", file=sys.stderr)
         return 1

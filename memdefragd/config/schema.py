@@ -269,6 +269,12 @@ class DaemonSettings:
         Nullable(Integer(0, 65535)), "scan_process_memory's number on a kernel patched with "
         "Translation Ranger (never guessed)", default=None, key="ranger.syscall",
     )  # fmt: skip
+    ranger_breakout_chunks: int | None = setting(
+        Nullable(Integer(0, 1 << 20)), "2 MiB chunks per call of Translation Ranger's pass "
+        "(its num_breakout_chunks sysctl, set for each pass and put back after): short calls "
+        "that a stop or pacing can come between; unset leaves the sysctl as it is",
+        default=None, key="ranger.breakout_chunks",
+    )  # fmt: skip
     metrics_listen: tuple[str, int] | None = setting(
         Listen(), "the Prometheus endpoint (/metrics); a host name must resolve here",
         default=("127.0.0.1", DEFAULT_METRICS_PORT), key="metrics.listen",

@@ -124,6 +124,7 @@ def start_child(
     guard: list[int] | None = None,
     hot: list[tuple[int, int, int]] | None = None,
     padding: int = 0,
+    shuffle: int | None = None,
     timeout: float = 120.0,
 ) -> Child:
     """Start the child and wait for its JSON line (tools/child.py says what each argument
@@ -154,6 +155,8 @@ def start_child(
         cfg["hot"] = [list(h) for h in hot]
     if padding:
         cfg["padding"] = "." * padding
+    if shuffle is not None:
+        cfg["shuffle"] = shuffle
     popen = spawn(cfg)
     child = Child(popen, size, config=cfg)
     try:

@@ -308,6 +308,35 @@ def test_handle_with_wrong_start_time_is_gone(spawn):
     PidHandle(proc).close()  # the right identity still works
 
 
+@pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
+def test_without_pidfd_open_the_proc_directory_pins_the_process(spawn, monkeypatch, reap):
+    """A kernel before 5.3 (the Translation Ranger kernel is 5.0) has no pidfd_open: the
+    handle holds /proc/PID open instead and proves identity through it."""
+    from memdefragd.backends.kernel import procs
+
+    def enosys(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(procs.os, "pidfd_open", enosys)
+    monkeypatch.setattr(procs, "_HAS_PIDFD", None)
+    child = spawn(4 * MiB)
+    proc = KernelBackend().process(child.pid)
+    with PidHandle(proc) as h:
+        assert not h.is_pidfd and procs.pidfd_refusal() == procs.NO_PIDFD_REASON
+        assert os.readlink(f"/proc/self/fd/{h.fd}") == f"/proc/{child.pid}"
+        h.check_alive()
+        with pytest.raises(NotImplementedError, match="no pidfd_open"):
+            h.pidfd  # noqa: B018
+        child.kill(reap=reap)
+        with pytest.raises(ProcessGone):
+            h.check_alive()
+    with pytest.raises(ProcessGone):
+        PidHandle(proc)
+    other = spawn(4 * MiB)
+    with pytest.raises(ProcessGone):
+        PidHandle(dataclasses.replace(KernelBackend().process(other.pid), start_time=1))
+
+
 # ---- permissions --------------------------------------------------------------------------
 
 NO_NICE_SCRIPT = r"""

@@ -141,6 +141,22 @@ def test_observes_only_with_ranger_on_a_kernel_without_it(tmp_path):
     assert "target(s) testee are observed only" in r.stderr
 
 
+def test_defrag_method_ranger_refuses_a_kernel_without_it_before_any_call(spawn):
+    child = spawn(4 * MiB)
+    require_kernel(
+        not Path("/proc/sys/vm/kmem_defragd_always").exists(), "kernel has Translation Ranger"
+    )
+    for extra in ([], ["--ranger-syscall", "335"]):  # 335 is uretprobe here: never called
+        r = subprocess.run(
+            [sys.executable, "-m", "memdefragd.cli", "defrag", "--pid", str(child.pid),
+             "--method", "ranger", "-c", "/nonexistent.yaml", *extra],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert r.stderr.startswith("memdefragd: method 'ranger' needs a kernel patched with")
+        assert "use method 'collapse'" in r.stderr
+
+
 @pytest.mark.needs_collapse
 def test_defrag_one_shot_whole_and_range(spawn):
     child = spawn(64 * MiB, pattern=True)

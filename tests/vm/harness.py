@@ -365,7 +365,11 @@ class Kernel:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def build_initramfs(kroot: Path, kver: str, busybox: Path, out: Path) -> None:
+def build_initramfs(
+    kroot: Path, kver: str, busybox: Path, out: Path, modules: list[Path] | None = None
+) -> None:
+    """busybox, the init script and the 9p modules (`modules`; by default those of the
+    package extracted at kroot; [] for a kernel with 9p built in)."""
     c = Cpio()
     for d in ("bin", "dev", "proc", "sys", "newroot", "modules", "run"):
         c.dir(d)
@@ -374,7 +378,7 @@ def build_initramfs(kroot: Path, kver: str, busybox: Path, out: Path) -> None:
     c.file("bin/busybox", busybox.read_bytes(), 0o755)
     c.symlink("bin/sh", "busybox")
     names = []
-    for path in _module_paths(kroot, kver):
+    for path in _module_paths(kroot, kver) if modules is None else modules:
         name = _module_name(path) + ".ko"
         c.file(f"modules/{name}", _module_bytes(path))
         names.append(name)
@@ -422,6 +426,23 @@ def prepare(label: str, cache: Path = DEFAULT_CACHE, host: Apt | None = None) ->
         build_initramfs(kroot, kver, busybox, initrd)
         stamp.write_text(want)
     return Kernel(label, pkg, kroot, kver, vmlinuz[-1], initrd, config)
+
+
+def prepare_image(
+    image: Path, label: str, cache: Path = DEFAULT_CACHE, host: Apt | None = None
+) -> Kernel:
+    """A kernel image built elsewhere (Translation Ranger's v5.0, which no registry has),
+    with 9p and virtio built in: an initramfs of busybox and the init script only."""
+    if not image.is_file():
+        raise VmError(f"{image}: no such kernel image")
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = sha256(image)
+    bb = download(BUSYBOX, cache, host or Apt(cache))
+    busybox = extract(bb, cache) / "bin" / "busybox"
+    initrd = cache / f"initrd-image-{digest[:16]}.gz"
+    build_initramfs(image.parent, label, busybox, initrd, modules=[])
+    pkg = Package(image.name, "local build", digest, str(image))
+    return Kernel(label, pkg, image.parent, label, image, initrd)
 
 
 # ------------------------------------------------------------------ running a guest

@@ -29,7 +29,7 @@ from .compaction import Compactor
 from .events import ProcEvents
 from .pagemap import NO_SCAN_REASON, WINDOW_PAGES, PagemapReader, scan_refusal
 from .privileges import CAP_SYS_ADMIN, effective_capabilities, privilege_problems
-from .procs import PidHandle, ProcDir, list_pids
+from .procs import PidHandle, ProcDir, list_pids, pidfd_refusal
 from .ranger import ranger_refusal
 
 DENSE_VMA_BYTES = 64 << 20  # below this, reading a VMA straight through costs little
@@ -207,9 +207,14 @@ class KernelBackend:
 
     def limitations(self) -> list[str]:
         # MADV_COLLAPSE is the config's business (config/plan.check_methods), DAMON the
-        # access sampler's; what is left is how memory is read.
-        reason = self.pagemap_scan_refusal()
-        return [] if reason is None else [reason]
+        # access sampler's; what is left is how processes are pinned and memory is read.
+        out = [r for r in (pidfd_refusal(), self.pagemap_scan_refusal()) if r is not None]
+        if not Path(self.proc_root, "pressure/memory").exists():
+            out.append(
+                f"no {self.proc_root}/pressure/memory (PSI: Linux 4.20+ with CONFIG_PSI, or "
+                "psi=0 on the command line): the pressure guard watches MemAvailable only"
+            )
+        return out
 
     def pagemap_scan_refusal(self) -> str | None:
         """None where layouts are read with PAGEMAP_SCAN (Linux 6.7+); else why not and what

@@ -187,7 +187,7 @@ def collapse(
         attempted += PMD_SIZE
         for _ in range(2):  # EAGAIN: once more, straight away
             t0 = clock()
-            ret, err = _process_madvise(nr, handle.fd, start, PMD_SIZE)
+            ret, err = _process_madvise(nr, handle.pidfd, start, PMD_SIZE)
             spent += clock() - t0
             if err != errno.EAGAIN:
                 break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -120,36 +121,109 @@ def translate_errors(pid: int, what: str) -> Iterator[None]:
         raise
 
 
-class PidHandle:
-    """A pidfd on one process, proven to be the process `proc` describes.
+# Whether this kernel has pidfd_open (Linux 5.3+); None until first asked.
+_HAS_PIDFD: bool | None = None
+NO_PIDFD_REASON = (
+    "this kernel has no pidfd_open (Linux < 5.3): processes are pinned by their /proc "
+    "directory fd and start time instead, which is as safe against pid reuse for reading "
+    "and for Translation Ranger's syscall (it takes a pid), but gives no pidfd for "
+    "process_madvise (which such a kernel lacks too)"
+)
 
-    The pidfd is opened first and the start time checked after: if the pid had been
-    reused in between, the check fails; once it passes, the pidfd can never refer to
-    another process (it goes stale instead, and calls on it fail with ESRCH).
+
+def pidfd_refusal() -> str | None:
+    """None where the kernel has pidfd_open; else what replaces it."""
+    if _HAS_PIDFD is None:
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _no_pidfd()
+        else:
+            _set_pidfd(True)
+    return None if _HAS_PIDFD else NO_PIDFD_REASON
+
+
+def _no_pidfd() -> None:
+    _set_pidfd(False)
+
+
+def _set_pidfd(value: bool) -> None:
+    global _HAS_PIDFD
+    _HAS_PIDFD = value
+
+
+class PidHandle:
+    """One process, pinned, proven to be the process `proc` describes.
+
+    Where the kernel has pidfd_open (5.3+), the pin is a pidfd; on older kernels (5.0, the
+    Translation Ranger kernel) it is the /proc/PID directory fd, through which reads of a
+    process that exited fail with ESRCH even once its pid is reused. Either is opened
+    first and the start time checked after: if the pid had been reused in between, the
+    check fails; once it passes, the pin can never refer to another process.
     """
 
     def __init__(self, proc: ProcessInfo, proc_root: str = "/proc"):
         self.proc = proc
+        self.proc_root = proc_root
+        self._dir: ProcDir | None = None
+        self.fd = self._pidfd(proc.pid) if _HAS_PIDFD is not False else -1
+        if self.fd < 0:  # no pidfd_open here: the directory is the pin
+            self._dir = ProcDir(proc_root, proc.pid)
+            self.fd = self._dir.fd
         try:
-            self.fd = os.pidfd_open(proc.pid)
-        except ProcessLookupError as e:
-            raise ProcessGone(f"pid {proc.pid}: no such process") from e
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            # The pid leads no thread group now: the pid already names a thread of another
-            # process, or (kernels before 6.15) its process is being reaped at this moment.
-            raise ProcessGone(f"pid {proc.pid}: no such process") from e
-        try:
-            with ProcDir(proc_root, proc.pid) as d:
-                d.check_identity(proc, alive=True)
+            self.check_alive()
         except BaseException:
             os.close(self.fd)
             raise
 
+    @staticmethod
+    def _pidfd(pid: int) -> int:
+        try:
+            return os.pidfd_open(pid)
+        except ProcessLookupError as e:
+            raise ProcessGone(f"pid {pid}: no such process") from e
+        except OSError as e:
+            if e.errno == errno.ENOSYS:
+                _no_pidfd()
+                return -1
+            if e.errno != errno.EINVAL:
+                raise
+            # The pid leads no thread group now: the pid already names a thread of another
+            # process, or (kernels before 6.15) its process is being reaped at this moment.
+            raise ProcessGone(f"pid {pid}: no such process") from e
+
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def is_pidfd(self) -> bool:
+        return self._dir is None
+
+    @property
+    def pidfd(self) -> int:
+        """The pidfd, for process_madvise; NotImplementedError on a kernel without."""
+        if not self.is_pidfd:
+            raise NotImplementedError(NO_PIDFD_REASON)
+        return self.fd
+
+    def check_alive(self) -> None:
+        """Raise ProcessGone unless the process is still the one `proc` describes and not
+        exiting (a closed handle counts as gone)."""
+        if self.fd < 0:
+            raise ProcessGone(f"pid {self.pid}: handle closed")
+        if self.is_pidfd:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if poller.poll(0):  # a pidfd is readable once its process has exited
+                raise ProcessGone(f"pid {self.pid}: exited")
+            with ProcDir(self.proc_root, self.pid) as d:
+                d.check_identity(self.proc, alive=True)
+            return
+        assert self._dir is not None
+        self._dir.check_identity(self.proc, alive=True)  # through the pin, not a lookup
 
     def close(self) -> None:
         if self.fd >= 0:

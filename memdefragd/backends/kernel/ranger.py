@@ -18,13 +18,16 @@ below.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
-import select
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -41,6 +44,12 @@ MEM_DEFRAG_CONTIG_SCAN = 5
 
 # The sysctl whose presence identifies a Translation Ranger kernel (RFC04 and ISCA tree).
 IDENTITY_SYSCTL = "kmem_defragd_always"
+VMSTAT_PREFIX = "memdefrag_"
+# Chunks per action-3 call (0: a whole pass in one call, the kernel's default).
+BREAKOUT_SYSCTL = "num_breakout_chunks"
+# The machine-wide lock of a pass: the kernel's scan state is one for the whole system, so
+# two memdefragd processes (the daemon and `memdefragd defrag`, say) must not interleave.
+LOCK_FILE = "/run/memdefragd/ranger.lock"
 BUF_LEN = 16 << 20  # as the artifact's launcher: a buffer too small for one record ends a scan
 
 # The kernel keeps ONE scan state for the whole system (a static defrag_scan_control): a
@@ -57,12 +66,19 @@ class RangerParseError(ValueError):
 
 
 def ranger_support(syscall_nr: int | None, proc_root: str = "/proc") -> tuple[bool, str]:
-    """(True, "") if method 'ranger' may run here, else (False, what to do about it)."""
+    """(True, "") if method 'ranger' may run here, else (False, what to do about it).
+    Presence is proven by the kernel's own files (its sysctl and its vmstat counters),
+    never by a call; the number is checked in a child process (`syscall_check`)."""
     sysctl = Path(proc_root, "sys/vm", IDENTITY_SYSCTL)
     if not sysctl.exists():
         return False, (
             f"method 'ranger' needs a kernel patched with Translation Ranger (no {sysctl} on "
             f"this kernel, {_kernel(proc_root)}): use method 'collapse'"
+        )
+    if not vmstat_counters(proc_root):
+        return False, (
+            f"this kernel has {sysctl} but no {VMSTAT_PREFIX}* counters in "
+            f"{proc_root}/vmstat: not the Translation Ranger memdefragd knows"
         )
     if syscall_nr is None:
         return False, (
@@ -74,6 +90,65 @@ def ranger_support(syscall_nr: int | None, proc_root: str = "/proc") -> tuple[bo
     if isinstance(syscall_nr, bool) or not isinstance(syscall_nr, int) or syscall_nr < 0:
         return False, f"daemon.ranger.syscall must be a non-negative integer, not {syscall_nr!r}"
     return True, ""
+
+
+def vmstat_counters(proc_root: str = "/proc") -> dict[str, int]:
+    """Translation Ranger's counters in /proc/vmstat (memdefrag_*), {} on other kernels."""
+    try:
+        text = Path(proc_root, "vmstat").read_text()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(VMSTAT_PREFIX) and value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+# The child's part of syscall_check: action 2 (clear a flag nobody set) on itself, then
+# action 5 (the contiguity dump of its own VMAs) into a buffer far larger than its dump,
+# printed for the parent to parse: only scan_process_memory writes that text.
+_CHECK = """
+import ctypes, sys
+nr, size = int(sys.argv[1]), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+L = ctypes.c_long
+if libc.syscall(L(nr), L(0), None, L(0), L(2)) != 0:
+    print("action 2:", ctypes.get_errno()); sys.exit(3)
+buf = ctypes.create_string_buffer(size)
+n = libc.syscall(L(nr), L(0), buf, L(size), L(5))
+if n <= 0:
+    print("action 5:", n, ctypes.get_errno()); sys.exit(4)
+sys.stdout.write(buf.raw[:n].decode("ascii", "replace"))
+"""
+
+
+def syscall_check(syscall_nr: int, *, timeout: float = 30.0) -> str | None:
+    """None if `syscall_nr` is scan_process_memory on this kernel, else why not. The call
+    is made only in a child process (an unassigned number kills its caller with SIGILL on
+    some kernels; an assigned one does whatever it does), and the child's answer must
+    parse as Translation Ranger's contiguity dump."""
+    try:
+        r = subprocess.run(
+            [sys.executable, "-I", "-c", _CHECK, str(syscall_nr), str(BUF_LEN)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"syscall {syscall_nr} did not return within {timeout:g} s in a child process"
+    bad = f"daemon.ranger.syscall {syscall_nr} is not scan_process_memory on this kernel"
+    if r.returncode < 0:
+        return f"{bad}: a child process calling it died of signal {-r.returncode}"
+    if r.returncode != 0:
+        return f"{bad}: {r.stdout.strip() or r.stderr.strip()[-200:]}"
+    try:
+        vmas = parse_contig_dump(r.stdout)
+    except RangerParseError as e:
+        return f"{bad}: its answer is not a contiguity dump ({e})"
+    if not vmas:
+        return f"{bad}: it answered with no VMA"
+    return None
 
 
 def _kernel(proc_root: str) -> str:
@@ -388,15 +463,37 @@ class Ranger:
     keeps one scan state for the system and resets it whenever another mm is named.
     """
 
-    def __init__(self, syscall_nr: int | None, *, proc_root: str = "/proc", buf_len: int = BUF_LEN):
+    def __init__(
+        self,
+        syscall_nr: int | None,
+        *,
+        proc_root: str = "/proc",
+        buf_len: int = BUF_LEN,
+        breakout_chunks: int | None = None,
+        lock_file: str | None = LOCK_FILE,
+    ):
+        """`breakout_chunks`: set the kernel's num_breakout_chunks to this for each pass
+        (and put the old value back after), so that each call of action 3 stops after so
+        many 2 MiB chunks and answers 1, "call again": short calls that should_stop and
+        pacing can come between. None leaves the sysctl as it is."""
         ok, reason = ranger_support(syscall_nr, proc_root)
         if not ok:
             raise RangerUnavailable(reason)
         assert syscall_nr is not None
+        if breakout_chunks is not None and breakout_chunks < 0:
+            raise ValueError(f"breakout_chunks must be >= 0, not {breakout_chunks}")
         self.syscall_nr = syscall_nr
+        self.proc_root = proc_root
         self.buf_len = buf_len
+        self.breakout_chunks = breakout_chunks
+        self.lock_file = lock_file
         self._fn: Callable[..., int] | None = None  # libc's syscall(), loaded on first use
         self._buf: ctypes.Array[ctypes.c_char] | None = None
+
+    def mark_all(self, handle: PidHandle) -> None:
+        """Action 1: every VMA of the process becomes eligible (MMF_VM_MEM_DEFRAG_ALL),
+        as Translation Ranger's launcher does before defragmenting."""
+        self._run(handle, MEM_DEFRAG_MARK_SCAN_ALL, False, 1, lambda: False)
 
     def defrag(
         self,
@@ -427,7 +524,7 @@ class Ranger:
     ) -> tuple[str, int, bool]:
         parts: list[bytes] = []
         calls = 0
-        with _LOCK:
+        with _LOCK, self._machine_lock(), self._breakout(action):
             buf = self._buffer() if log else None
             while max_calls is None or calls < max_calls:
                 if calls and should_stop():
@@ -440,6 +537,35 @@ class Ranger:
                     parts.append(buf.raw[:ret])
         return b"".join(parts).decode("ascii", "replace"), calls, False
 
+    @contextlib.contextmanager
+    def _machine_lock(self) -> Iterator[None]:
+        """flock on LOCK_FILE for the pass: one pass at a time on the machine."""
+        if self.lock_file is None:
+            yield
+            return
+        path = Path(self.lock_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def _breakout(self, action: int) -> Iterator[None]:
+        """num_breakout_chunks as configured for an action-3 pass, then as it was."""
+        if action != MEM_DEFRAG_DEFRAG or self.breakout_chunks is None:
+            yield
+            return
+        knob = Path(self.proc_root, "sys/vm", BREAKOUT_SYSCTL)
+        old = knob.read_text().strip()
+        knob.write_text(f"{self.breakout_chunks}\n")
+        try:
+            yield
+        finally:
+            knob.write_text(f"{old}\n")
+
     def _buffer(self) -> ctypes.Array[ctypes.c_char]:
         if self._buf is None:
             self._buf = ctypes.create_string_buffer(self.buf_len)
@@ -449,7 +575,7 @@ class Ranger:
         """One syscall on the process the handle proves. The syscall takes a pid, not a
         pidfd: the pidfd is polled first, so a process that exited (whose pid may be
         reused) is never named."""
-        _require_alive(handle)
+        handle.check_alive()
         ret, err = self._syscall(handle.pid, buf, len(buf) if buf is not None else 0, action)
         if ret >= 0:
             return ret
@@ -481,24 +607,25 @@ class Ranger:
         return (ret, 0) if ret >= 0 else (-1, ctypes.get_errno())
 
 
-def _require_alive(handle: PidHandle) -> None:
-    if handle.fd < 0:
-        raise ProcessGone(f"pid {handle.pid}: handle closed")
-    poller = select.poll()
-    poller.register(handle.fd, select.POLLIN)
-    if poller.poll(0):  # a pidfd is readable once its process has exited
-        raise ProcessGone(f"pid {handle.pid}: exited")
+_CHECKED: dict[int, str | None] = {}  # syscall number -> syscall_check's answer
 
 
-def ranger_refusal(syscall_nr: int | None) -> str:
-    """Why method 'ranger' cannot run: this kernel lacks it, or we do not drive it yet."""
-    ok, reason = ranger_support(syscall_nr)
+def ranger_refusal(syscall_nr: int | None, proc_root: str = "/proc") -> str:
+    """Why the daemon cannot run method 'ranger' here: this kernel lacks it, the number is
+    wrong (checked once, in a child), or, on a kernel that has it, that the daemon does
+    not drive it yet (`memdefragd defrag --method ranger` does)."""
+    ok, reason = ranger_support(syscall_nr, proc_root)
     if not ok:
         return reason
-    # The syscall wrapper and its output parsers exist (backends/kernel/ranger.py), but a
-    # whole-process Translation Ranger pass does not map onto per-range requests yet, and
-    # no kernel here has it to test against: refuse rather than pretend.
+    assert syscall_nr is not None
+    if syscall_nr not in _CHECKED:
+        _CHECKED[syscall_nr] = syscall_check(syscall_nr)
+    wrong = _CHECKED[syscall_nr]
+    if wrong is not None:
+        return wrong
+    # A Translation Ranger pass works on a whole process and makes runs, not huge pages:
+    # the scheduler's per-range requests and THP verification do not fit it yet.
     return (
         "this kernel has Translation Ranger, but the daemon does not drive it yet: "
-        "use method 'collapse'"
+        "use `memdefragd defrag --method ranger` for one process, or method 'collapse'"
     )

@@ -53,6 +53,8 @@ def patched_root(tmp_path: Path) -> str:
     (tmp_path / "sys/vm/kmem_defragd_always").write_text("0\n")
     (tmp_path / "sys/kernel").mkdir(parents=True)
     (tmp_path / "sys/kernel/osrelease").write_text("5.0.0-rc5-ranger+\n")
+    (tmp_path / "sys/vm/num_breakout_chunks").write_text("0\n")
+    (tmp_path / "vmstat").write_text("nr_free_pages 1000\nmemdefrag_defrag 0\nmemdefrag_scan 0\n")
     return str(tmp_path)
 
 
@@ -479,3 +481,70 @@ def test_stats_add_up():
     b = DefragStats(aligned=3, src_not_present=4)
     assert a + b == DefragStats(aligned=4, dst_anon_failed=2, src_not_present=4)
     assert (a + b).failed == 6
+
+
+# ---- presence, the number, one pass per machine, short calls ----------------------------
+
+
+def test_the_sysctl_without_the_vmstat_counters_is_refused(patched_root):
+    Path(patched_root, "vmstat").write_text("nr_free_pages 1000\n")
+    ok, reason = ranger_support(335, patched_root)
+    assert ok is False and "no memdefrag_* counters" in reason
+
+
+def test_a_wrong_number_is_found_out_in_a_child_process():
+    """Called only in a child: getpid answers, but not with a contiguity dump; on this
+    kernel 335 is uretprobe, which kills a caller outside a uprobe trampoline."""
+    from memdefragd.backends.kernel.ranger import syscall_check
+
+    if Path("/proc/sys/vm", "kmem_defragd_always").exists():
+        pytest.skip("this kernel is patched with Translation Ranger")
+    getpid = syscall_check(39)
+    assert getpid is not None and getpid.startswith(
+        "daemon.ranger.syscall 39 is not scan_process_memory on this kernel: action 2:"
+    )
+    uretprobe = syscall_check(335)
+    assert uretprobe is not None and "a child process calling it died of signal" in uretprobe
+
+
+def test_a_pass_sets_num_breakout_chunks_and_puts_it_back(patched_root, monkeypatch, me, tmp_path):
+    knob = Path(patched_root, "sys/vm/num_breakout_chunks")
+    r = Ranger(335, proc_root=patched_root, breakout_chunks=8, lock_file=str(tmp_path / "l"))
+    seen = []
+
+    def fake(pid, buf, buf_len, action):
+        seen.append((action, knob.read_text().strip()))
+        return (1 if action == 3 and len(seen) < 4 else 0), 0  # "call again" twice
+
+    monkeypatch.setattr(r, "_syscall", fake)
+    r.mark_all(me)
+    p = r.defrag(me, log=False)
+    assert p.calls == 3 and p.complete
+    # action 1 leaves the knob alone; every call of the pass saw 8
+    assert seen == [(1, "0"), (3, "8"), (3, "8"), (3, "8")]
+    assert knob.read_text() == "0\n"
+
+
+def test_passes_of_two_processes_exclude_each_other_through_the_lock_file(
+    patched_root, monkeypatch, me, tmp_path
+):
+    """The lock is an flock on a file: another memdefragd (here, a child holding it)
+    keeps our pass waiting."""
+    import subprocess
+    import sys
+
+    lock, released = tmp_path / "ranger.lock", tmp_path / "released"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0)\n"
+         f"open({str(released)!r}, 'w').close(); fcntl.flock(fd, fcntl.LOCK_UN)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    r = Ranger(335, proc_root=patched_root, lock_file=str(lock))
+    seen = []
+    monkeypatch.setattr(r, "_syscall", lambda *a: (seen.append(released.exists()), (0, 0))[1])
+    r.defrag(me, log=False)
+    holder.wait()
+    assert seen == [True]  # the call came only once the holder had let go

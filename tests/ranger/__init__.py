@@ -1,0 +1,1 @@
+"""Tests that run only on a kernel patched with Translation Ranger (tests/vm boots one)."""
