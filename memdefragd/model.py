@@ -276,6 +276,8 @@ class Outcome:
     target or machine (ESRCH: the process is gone; EPERM: not allowed; EBUSY: its cgroup
     is full; ENOMEM: no free huge page; "cancelled": the daemon is stopping), else "".
     `ineligible` lists region start addresses the kernel said will never work (EINVAL).
+    `touched`: where the backend worked when that is not the request's ranges (Translation
+    Ranger's pass goes its own way through the process): what verification re-reads.
     """
 
     request: Request
@@ -285,3 +287,4 @@ class Outcome:
     duration: float  # seconds of wall time spent in the kernel (or simulator)
     stopped: str = ""
     ineligible: tuple[int, ...] = ()
+    touched: tuple[tuple[int, int], ...] = ()

@@ -33,4 +33,7 @@ def open_backend(settings: DaemonSettings) -> Backend:
         return SimBackend(age(settings.simulated.scenario()))
     from .kernel.backend import KernelBackend
 
-    return KernelBackend(ranger_syscall=settings.ranger_syscall)
+    return KernelBackend(
+        ranger_syscall=settings.ranger_syscall,
+        ranger_breakout_chunks=settings.ranger_breakout_chunks,
+    )

@@ -321,6 +321,7 @@ class Daemon:
             rep = scan_process(
                 self.backend, tracked.proc, target=tracked.target.name, collect=True,
                 only=worth_collapsing, max_ptes_none=max_ptes_none,
+                work="ranger" if self.method_for(tracked.target.name) == "ranger" else "collapse",
             )  # fmt: skip
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
@@ -435,7 +436,11 @@ class Daemon:
         outcome = self.backend.execute(tracked.handle, req, should_stop=self._stop.is_set)
         proc = self.procs.setdefault(req.pid, Process())
         proc.sent(req, outcome.bytes_attempted)
-        done = verify(self.backend, tracked.proc, req) if outcome.bytes_done else Verified()
+        done = (
+            verify(self.backend, tracked.proc, req, outcome.touched or None)
+            if outcome.bytes_done
+            else Verified()
+        )
         self.scheduler.record(outcome, self.clock())
         self.metrics.record(outcome, done.bytes)
         self.outcomes.append((outcome, done.bytes))

@@ -82,13 +82,15 @@ def scan_process(
     max_ptes_none: int = PMD_PAGES - 1,
     ks: Sequence[int] = DEFAULT_KS,
     ps: Sequence[float] = DEFAULT_PS,
+    work: str = "collapse",
 ) -> ProcessReport:
     """Scan one process, window by window; raises ProcessGone or AccessDenied.
 
     With `detail`, VMAs come from smaps and those with nothing resident are not read;
     without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply. With
     `collect`, each VMA's metrics list its collapsible regions (for the scheduler);
-    `runs=False` skips the contiguity figures; `only` picks the VMAs worth reading.
+    `runs=False` skips the contiguity figures; `only` picks the VMAs worth reading;
+    `work` ("collapse" or "ranger") says which regions count as collapsible.
     """
     vmas = backend.list_vmas(proc, detail=detail)
     wanted = [v for v in vmas if v.rss > 0] if detail else vmas
@@ -104,6 +106,7 @@ def scan_process(
             collapse_eligible=v.collapse_eligible,
             collect=collect,
             runs=runs,
+            work=work,
         )
         for v in wanted
     ]

@@ -181,8 +181,13 @@ class VmaAccumulator:
         pmd_pages: int = PMD_PAGES,
         collect: bool = False,
         runs: bool = True,
+        work: str = "collapse",
     ):
+        """`work` says what makes a region worth sending: "collapse" (not huge, with
+        enough present pages for MADV_COLLAPSE) or "ranger" (Translation Ranger: every
+        page present, not huge, and not translation-contiguous yet; needs frame numbers)."""
         self.first, self.last = aligned_bounds(start_vpn, end_vpn, pmd_pages)
+        self.work = work
         self.runs = runs  # False: skip contiguity (the scheduler needs only the regions)
         self.collect = collect
         self.found_vpns: list[np.ndarray] = []
@@ -222,21 +227,27 @@ class VmaAccumulator:
         self.thp_regions += int(np.count_nonzero(is_thp))
         if self.collect:
             self.found_thp.append(bounds[:-1][is_thp])
-        if self.eligible:
+        candidates = full & ~is_thp
+        h = heads[candidates]
+        contiguous = np.zeros(h.size, dtype=bool)  # one run (one VA-PA offset) each
+        if starts is not None and h.size:
+            # Contiguous iff no run starts inside (head, head + pmd).
+            inside = np.searchsorted(starts, h + self.pmd, "left")
+            contiguous = inside == np.searchsorted(starts, h, "right")
+            ok = contiguous & (layout.pfn[h] % np.uint64(self.pmd) == 0)  # and aligned
+            self.aligned_contig += int(np.count_nonzero(ok))
+        if self.work == "ranger":
+            can = np.zeros(present.size, dtype=bool)
+            if starts is not None:  # without frame numbers, nothing to judge by
+                can[np.flatnonzero(candidates)[~contiguous]] = True
+        elif self.eligible:
             can = ~is_thp & (present >= self.need)
-            self.collapsible += int(np.count_nonzero(can))
-            if self.collect:
-                self.found_vpns.append(bounds[:-1][can])
-                self.found_present.append(present[can])
-        if starts is None:
-            return
-        h = heads[full & ~is_thp]
-        if h.size == 0:
-            return
-        # Contiguous iff no run starts inside (head, head + pmd) and the head is aligned.
-        inner = np.searchsorted(starts, h + self.pmd, "left") - np.searchsorted(starts, h, "right")
-        ok = (inner == 0) & (layout.pfn[h] % np.uint64(self.pmd) == 0)
-        self.aligned_contig += int(np.count_nonzero(ok))
+        else:
+            can = np.zeros(present.size, dtype=bool)
+        self.collapsible += int(np.count_nonzero(can))
+        if self.collect:
+            self.found_vpns.append(bounds[:-1][can])
+            self.found_present.append(present[can])
 
     def _runs(self, vpn: np.ndarray, pfn: np.ndarray, starts: np.ndarray) -> None:
         lengths = np.diff(np.append(starts, vpn.size))

@@ -711,3 +711,31 @@ def test_unusable_index_examples(blocks: list[int], want: list[float]) -> None:
 def test_free_pages_example() -> None:
     assert free_pages([3, 2, 0, 1]) == 3 + 4 + 8
     assert free_pages([]) == 0
+
+
+def test_ranger_work_is_full_regions_not_yet_translation_contiguous():
+    """For method ranger the regions worth sending are those Translation Ranger can mend:
+    every page present, not huge, not at one VA-PA offset yet; judged only with frame
+    numbers."""
+    from memdefragd.pipeline.score import VmaAccumulator
+
+    P = PMD_PAGES
+    vpn = np.concatenate([np.arange(0, 3 * P), np.arange(3 * P, 3 * P + P // 2)]).astype(np.uint64)
+    pfn = np.concatenate([
+        np.arange(10 * P, 11 * P),  # region 0: one run, not huge
+        np.arange(20 * P + P - 1, 20 * P - 1, -1),  # region 1: full but scattered
+        np.arange(30 * P, 31 * P),  # region 2: a THP
+        np.arange(40 * P + P // 2, 40 * P, -1),  # region 3: half present, scattered
+    ]).astype(np.uint64)  # fmt: skip
+    thp = np.zeros(vpn.size, bool)
+    thp[2 * P : 3 * P] = True
+
+    def regions(work: str, known: bool = True) -> list[int]:
+        acc = VmaAccumulator(0, 4 * P, known, collect=True, work=work)
+        acc.add(Layout(0, 4 * P, vpn, pfn if known else np.zeros_like(pfn), thp, known))
+        got = acc.finish().collapsible_vpns
+        return [int(v) // P for v in got]
+
+    assert regions("ranger") == [1]
+    assert regions("collapse") == [0, 1, 3]
+    assert regions("ranger", known=False) == []  # nothing to judge contiguity by

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from memdefragd.backends.sim.backend import SimBackend
@@ -59,3 +61,27 @@ def test_a_process_gone_verifies_nothing():
     backend.machine.exit_process(pid)
     got = verify(backend, proc, request(pid, (base, base + PMD_SIZE)))
     assert (got.bytes, got.huge.size) == (0, 0)
+
+
+def test_ranger_requests_count_translation_contiguous_regions_where_it_worked():
+    """Translation Ranger makes runs, not huge pages: a ranger request verifies the 2 MiB
+    regions whose pages are all present at one VA-PA offset (THPs included), and reads
+    where the backend says it worked, which need not be the request's ranges."""
+    backend, pid, base = machine()
+    proc = backend.process(pid)
+    req = dataclasses.replace(request(pid, (base, base + PMD_SIZE)), method="ranger")
+    everything = ((base, base + 4 * PMD_SIZE),)
+    got = verify(backend, proc, req, everything)
+    assert got.bytes == 3 * PMD_SIZE  # regions 0-2; region 3 is half present
+    np.testing.assert_array_equal(got.huge, [base, base + PMD_SIZE, base + 2 * PMD_SIZE])
+
+
+def test_scattered_frames_are_not_contiguous():
+    m = Machine(8192)
+    p = m.add_process("app")
+    v = m.mmap(p.pid, PMD_PAGES)
+    m.fault_at(p.pid, np.arange(v.start_vpn, v.end_vpn), np.arange(4096 + 511, 4095, -1))
+    backend = SimBackend(m)
+    base = v.start_vpn * PAGE_SIZE
+    req = dataclasses.replace(request(p.pid, (base, base + PMD_SIZE)), method="ranger")
+    assert verify(backend, backend.process(p.pid), req).bytes == 0

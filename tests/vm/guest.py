@@ -56,11 +56,24 @@ def prepare() -> dict[str, str]:
     return facts
 
 
+def scratch() -> str:
+    """Where the tests write: /tmp, a tmpfs, unless the checkout itself is under the
+    host's /tmp (a clean clone in CI); then /tmp is the host's, read-only, and a tmpfs
+    under /run stands in (the harness passes MDVM_TMP=0)."""
+    if os.environ.get("MDVM_TMP") != "0":
+        return "/tmp"
+    path = "/run/memdefragd-vm/tmp"
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o1777)
+    return path
+
+
 def run(request: dict) -> int:
+    tmp = scratch()
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/tmp",
-        "TMPDIR": "/tmp",
+        "HOME": tmp,
+        "TMPDIR": tmp,
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "MEMDEFRAGD_VM_GUEST": "1",

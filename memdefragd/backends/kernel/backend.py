@@ -30,7 +30,7 @@ from .events import ProcEvents
 from .pagemap import NO_SCAN_REASON, WINDOW_PAGES, PagemapReader, scan_refusal
 from .privileges import CAP_SYS_ADMIN, effective_capabilities, privilege_problems
 from .procs import PidHandle, ProcDir, list_pids, pidfd_refusal
-from .ranger import ranger_refusal
+from .ranger import Ranger, carry_out, ranger_refusal
 
 DENSE_VMA_BYTES = 64 << 20  # below this, reading a VMA straight through costs little
 
@@ -53,6 +53,7 @@ class KernelBackend:
         window_pages: int = WINDOW_PAGES,
         density: str = "auto",
         ranger_syscall: int | None = None,
+        ranger_breakout_chunks: int | None = None,
     ):
         """`use_scan=False` never uses PAGEMAP_SCAN (as on kernels before 6.7);
         `density` forces how VMAs are read: "dense" straight through, "sparse" present
@@ -65,6 +66,9 @@ class KernelBackend:
         self.sys_root = sys_root
         self.use_scan = use_scan
         self.ranger_syscall = ranger_syscall
+        self.ranger_breakout_chunks = ranger_breakout_chunks
+        self._ranger: Ranger | None = None  # made at the first ranger request
+        self._marked: set[tuple[int, int]] = set()  # processes given action 1
         self._visibility: PfnVisibility | None = None
         self._kpf_fd: int | None = None
         self._kpf_tried = False
@@ -100,6 +104,15 @@ class KernelBackend:
         reason = self.refusal(request.method)
         if reason is not None:
             raise NotImplementedError(reason)
+        if request.method == Method.RANGER:
+            if self._ranger is None:
+                self._ranger = Ranger(
+                    self.ranger_syscall,
+                    proc_root=self.proc_root,
+                    breakout_chunks=self.ranger_breakout_chunks,
+                )
+            return carry_out(self._ranger, handle, request, marked=self._marked,
+                             should_stop=should_stop)  # fmt: skip
         return _collapse.collapse(
             handle, request, should_stop=should_stop, proc_root=self.proc_root
         )

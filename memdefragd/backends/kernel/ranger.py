@@ -27,12 +27,13 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 
-from ...model import AccessDenied, ProcessGone
+from ...model import PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request
 from .procs import PidHandle
 
 # Actions ([RFC04] include/linux/mem_defrag.h; 4, 6, 7 exist only in the ISCA tree).
@@ -607,25 +608,62 @@ class Ranger:
         return (ret, 0) if ret >= 0 else (-1, ctypes.get_errno())
 
 
+def carry_out(
+    ranger: Ranger,
+    handle: PidHandle,
+    request: Request,
+    *,
+    marked: set[tuple[int, int]],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Outcome:
+    """A request as a slice of Translation Ranger's pass over the whole process: the
+    kernel cannot be pointed at ranges, so the request's size buys calls of action 3
+    (one per `breakout_chunks` regions; a whole pass in one call without), after action
+    1 once per process (`marked` remembers). The outcome counts what the kernel's log
+    says it worked on, in 2 MiB chunks like collapse's regions: attempted, done (no page
+    failed) and failures by category; `touched` is where, for verification."""
+    key = (handle.pid, handle.proc.start_time)
+    t0 = time.monotonic()
+    if key not in marked:
+        ranger.mark_all(handle)
+        marked.add(key)
+    regions = request.bytes // PMD_SIZE
+    per_call = ranger.breakout_chunks or 0
+    calls = max(1, -(-regions // per_call)) if per_call else 1
+    done = ranger.defrag(handle, max_calls=calls, should_stop=should_stop)
+    chunks = last_attempts(done.log.chunks)
+    summary = summarize(chunks)
+    return Outcome(
+        request=request,
+        bytes_attempted=summary.chunks * PMD_SIZE,
+        bytes_done=summary.clean_chunks * PMD_SIZE,
+        failures=dict(summary.chunk_failures),
+        duration=time.monotonic() - t0,
+        touched=_aligned_ranges((c.start, c.end) for c in chunks),
+    )
+
+
+def _aligned_ranges(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The 2 MiB-aligned ranges covering `spans`, merged, in order."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted((lo & ~(PMD_SIZE - 1), -(-hi // PMD_SIZE) * PMD_SIZE) for lo, hi in spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
 _CHECKED: dict[int, str | None] = {}  # syscall number -> syscall_check's answer
 
 
-def ranger_refusal(syscall_nr: int | None, proc_root: str = "/proc") -> str:
-    """Why the daemon cannot run method 'ranger' here: this kernel lacks it, the number is
-    wrong (checked once, in a child), or, on a kernel that has it, that the daemon does
-    not drive it yet (`memdefragd defrag --method ranger` does)."""
+def ranger_refusal(syscall_nr: int | None, proc_root: str = "/proc") -> str | None:
+    """Why method 'ranger' cannot run here (this kernel lacks it, or the number is wrong:
+    checked once per number, in a child process); None where it can."""
     ok, reason = ranger_support(syscall_nr, proc_root)
     if not ok:
         return reason
     assert syscall_nr is not None
     if syscall_nr not in _CHECKED:
         _CHECKED[syscall_nr] = syscall_check(syscall_nr)
-    wrong = _CHECKED[syscall_nr]
-    if wrong is not None:
-        return wrong
-    # A Translation Ranger pass works on a whole process and makes runs, not huge pages:
-    # the scheduler's per-range requests and THP verification do not fit it yet.
-    return (
-        "this kernel has Translation Ranger, but the daemon does not drive it yet: "
-        "use `memdefragd defrag --method ranger` for one process, or method 'collapse'"
-    )
+    return _CHECKED[syscall_nr]

@@ -548,3 +548,34 @@ def test_passes_of_two_processes_exclude_each_other_through_the_lock_file(
     r.defrag(me, log=False)
     holder.wait()
     assert seen == [True]  # the call came only once the holder had let go
+
+
+def test_a_daemon_request_is_a_slice_of_the_pass(patched_root, monkeypatch, me, tmp_path):
+    """The kernel cannot be pointed at ranges: a request of 6 regions buys 3 calls of 2
+    chunks each, after action 1 once per process; the outcome counts the log's chunks
+    and says where they were, for verification."""
+    from memdefragd.backends.kernel.ranger import carry_out
+    from memdefragd.model import PMD_SIZE, Request
+
+    r = Ranger(335, proc_root=patched_root, breakout_chunks=2, lock_file=str(tmp_path / "l"))
+    text = RFC_LOG.encode()
+    cut = text.index(b"[0x7f0000200000")
+    calls, script = scripted(r, monkeypatch, [0, text[:cut], text[cut:], 0, 0])
+    req = Request("t", me.pid, me.proc.start_time, B, B + 6 * PMD_SIZE,
+                  ((B, B + 6 * PMD_SIZE),), method="ranger")  # fmt: skip
+    marked: set[tuple[int, int]] = set()
+    out = carry_out(r, me, req, marked=marked)
+    assert [c[2] for c in calls] == [1, 3, 3, 3]  # action 1, then 6 regions / 2 per call
+    want = summarize(parse_defrag_log(RFC_LOG).chunks)
+    assert out.bytes_attempted == want.chunks * PMD_SIZE
+    assert out.bytes_done == want.clean_chunks * PMD_SIZE
+    assert dict(out.failures) == dict(want.chunk_failures) and out.failures
+    regions = {
+        a
+        for c in last_attempts(parse_defrag_log(RFC_LOG).chunks)
+        for a in range(c.start // PMD_SIZE * PMD_SIZE, c.end, PMD_SIZE)
+    }
+    assert {a for lo, hi in out.touched for a in range(lo, hi, PMD_SIZE)} == regions
+    assert all(lo % PMD_SIZE == 0 == hi % PMD_SIZE for lo, hi in out.touched)
+    carry_out(r, me, req, marked=marked)  # the same process again: no second action 1
+    assert [c[2] for c in calls[4:]] == [3] and script == []
