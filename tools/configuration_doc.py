@@ -16,6 +16,7 @@ from pathlib import Path
 from memdefragd.config.kinds import Nullable
 from memdefragd.config.schema import OVERRIDES, ROOT
 from memdefragd.config.walk import REQUIRED, Setting, sections
+from tools.generated import write_or_check
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -73,14 +74,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if OUT.read_text() != text:
-            print(f"{OUT} is out of date: python3 -m tools.configuration_doc", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    return 0
+    return write_or_check(OUT, render(), argv, "python3 -m tools.configuration_doc")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ grid, numbers nothing twice and writes the JSON model.
     python3 -m tools.dashboard           # rewrite etc/grafana/memdefragd.json
     python3 -m tools.dashboard --check   # exit 1, with a diff, if it is out of date
 
-(`python3 tools/dashboard.py` works too, and `make dashboard`.) tests/deploy/
+(`make dashboard` runs the first.) tests/deploy/
 test_dashboard.py fails when the committed file is not what this writes; tests/deploy/
 test_dashboard_rules.py lints the queries and has promtool parse them.
 
@@ -18,7 +18,6 @@ on per-target families.
 
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 import warnings
@@ -38,6 +37,8 @@ with warnings.catch_warnings():
     from grafana_foundation_sdk.models import dashboard as dm
     from grafana_foundation_sdk.models import heatmap as hm
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from tools.generated import write_or_check
 
 OUT = Path(__file__).resolve().parent.parent / "etc" / "grafana" / "memdefragd.json"
 
@@ -1017,23 +1018,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        old = OUT.read_text() if OUT.exists() else ""
-        if old != text:
-            sys.stdout.writelines(
-                difflib.unified_diff(
-                    old.splitlines(keepends=True),
-                    text.splitlines(keepends=True),
-                    f"{OUT.name} (committed)",
-                    f"{OUT.name} (generated)",
-                )
-            )
-            print(f"{OUT} is out of date: python3 -m tools.dashboard", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    return 0
+    return write_or_check(OUT, render(), argv, "python3 -m tools.dashboard")
 
 
 if __name__ == "__main__":
