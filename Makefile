@@ -60,27 +60,46 @@ system-deps:
 	echo "installing Debian packages: $$missing"; \
 	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing
 
-# promtool, for the dashboard and alert-rule tests: taken out of Debian's `prometheus` .deb
-# (`apt-get download` + `dpkg-deb`), never installed (its postinst would start a server).
-# Skipped when already there; on failure a note, and those tests skip (or fail under
-# MEMDEFRAGD_REQUIRE_KERNEL=1). PROMTOOL=path in the environment overrides it in the tests.
+# promtool and the Prometheus server (for the dashboard and alert-rule tests, and the real
+# server of tests/deploy/test_prometheus.py), and Alertmanager (that test sends its alerts
+# through it): taken out of Debian's `prometheus` and `prometheus-alertmanager` .debs
+# (`apt-get download` + `dpkg-deb`), never installed (their postinst would start servers).
+# Debian's Alertmanager reads its templates from /usr/share/prometheus/alertmanager/: they
+# go to $(PROMTOOL_DIR)/share/, and the test lays them over /usr/share in a mount namespace
+# of Alertmanager's own. Each file is skipped when already there; on failure a note, and
+# the tests that need it skip (or fail under MEMDEFRAGD_REQUIRE_KERNEL=1). PROMTOOL,
+# PROMETHEUS and ALERTMANAGER=path in the environment override them in the tests.
 PROMTOOL_DIR := .cache/promtool
+# package:path under usr/ in its .deb; bin/NAME goes to $(PROMTOOL_DIR)/NAME, the rest to
+# $(PROMTOOL_DIR)/path
+PROMTOOL_FILES := prometheus:bin/promtool prometheus:bin/prometheus \
+	prometheus-alertmanager:bin/prometheus-alertmanager \
+	prometheus-alertmanager:share/prometheus/alertmanager
 
 promtool:
-	@if [ -x $(PROMTOOL_DIR)/promtool ]; then exit 0; fi; \
-	dl=$(PROMTOOL_DIR)/download; rm -rf $$dl; mkdir -p $$dl; chmod 755 .cache $(PROMTOOL_DIR) $$dl; \
-	fetch() { (cd $$dl && apt-get download -q prometheus) >$$dl/apt.log 2>&1; }; \
+	@dest() { case $$1 in bin/*) echo $(PROMTOOL_DIR)/$${1#bin/};; *) echo $(PROMTOOL_DIR)/$$1;; esac; }; \
+	missing=; for pf in $(PROMTOOL_FILES); do \
+	  [ -e "$$(dest $${pf#*:})" ] || missing="$$missing $$pf"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	skip="its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; \
 	if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then \
-	  echo "note: no apt-get/dpkg-deb: promtool not fetched: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; exit 0; fi; \
-	if ! fetch && [ "$$(id -u)" = 0 ]; then apt-get update -q >/dev/null 2>&1; fetch; fi; \
-	deb=$$(ls $$dl/prometheus_*.deb 2>/dev/null | head -n1); \
-	if [ -z "$$deb" ]; then \
-	  echo "note: apt-get download prometheus failed (see $$dl/apt.log): promtool not fetched: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; \
-	  exit 0; fi; \
-	if dpkg-deb --fsys-tarfile $$deb | tar -x -C $$dl ./usr/bin/promtool \
-	  && mv $$dl/usr/bin/promtool $(PROMTOOL_DIR)/promtool; then \
-	  rm -rf $$dl; echo "promtool: $$($(PROMTOOL_DIR)/promtool --version 2>&1 | head -n1)"; \
-	else echo "note: could not extract usr/bin/promtool from $$deb: its tests will skip (fail under MEMDEFRAGD_REQUIRE_KERNEL=1)"; fi
+	  echo "note: no apt-get/dpkg-deb:$$missing not fetched: $$skip"; exit 0; fi; \
+	dl=$(PROMTOOL_DIR)/download; rm -rf $$dl; mkdir -p $$dl; chmod 755 .cache $(PROMTOOL_DIR) $$dl; \
+	fetch() { (cd $$dl && apt-get download -q $$1) >>$$dl/apt.log 2>&1; }; \
+	updated=; kept=; \
+	for pkg in $$(for pf in $$missing; do echo $${pf%%:*}; done | sort -u); do \
+	  if ! fetch $$pkg && [ "$$(id -u)" = 0 ] && [ -z "$$updated" ]; then \
+	    updated=1; apt-get update -q >/dev/null 2>&1; fetch $$pkg; fi; done; \
+	for pf in $$missing; do pkg=$${pf%%:*}; f=$${pf#*:}; to=$$(dest $$f); \
+	  deb=$$(ls $$dl/$${pkg}_*.deb 2>/dev/null | head -n1); \
+	  if [ -z "$$deb" ]; then kept=1; \
+	    echo "note: apt-get download $$pkg failed (see $$dl/apt.log): usr/$$f not fetched: $$skip"; \
+	  elif dpkg-deb --fsys-tarfile $$deb | tar -x -C $$dl ./usr/$$f \
+	    && mkdir -p $$(dirname $$to) && chmod 755 $$(dirname $$to) && mv $$dl/usr/$$f $$to; then \
+	    case $$f in bin/*) echo "$${f#bin/}: $$($$to --version 2>&1 | head -n1)";; esac; \
+	  else kept=1; echo "note: could not extract usr/$$f from $$deb: $$skip"; fi; \
+	done; \
+	if [ -z "$$kept" ]; then rm -rf $$dl; fi
 
 # ---------------------------------------------------------------- kernels in guests
 # make vm-test [KERNELS="6.1 6.12"] [VM_TESTS=tests/kernel/...] [VM_ARGS=...]: the real-kernel

@@ -80,6 +80,7 @@ class Daemon:
         self.clock = clock
         self.metrics = Metrics(lambda: self.published)
         self.metrics.configured(config.sha256, config.daemon.scan_interval, refused)
+        self.metrics.targets({t.name: self.method_for(t.name) for t in config.targets})
         self.cycles = 0  # completed full scan cycles
         self.outcomes: deque[tuple[Outcome, int]] = deque(maxlen=100)  # the last, verified
         self.scheduler = Scheduler(scheduler_settings(config))
@@ -272,6 +273,7 @@ class Daemon:
         self.compactor = compactor(self.backend, new.daemon.compaction_interval)
         self.metrics.reloads.labels("ok").inc()
         self.metrics.configured(new.sha256, new.daemon.scan_interval, refused)
+        self.metrics.targets({t.name: self.method_for(t.name) for t in new.targets})
         log.info("reloaded %s (sha256 %s)", new.path, new.sha256[:12])
         self._dirty |= set(self.discovery.tracked)
         self.notifier.ready(self.status_line())

@@ -297,6 +297,22 @@ class Metrics:
             self.config_info.remove(old)
         self.scan_interval.set(scan_interval)
 
+    def targets(self, methods: Mapping[str, str]) -> None:
+        """Every per-target series at 0 from the moment a target is configured (target ->
+        its method): a series born at its first event would have that event missed by
+        rate() and increase(), so a first fork, regression or request would never show."""
+        for target, method in methods.items():
+            for result in ("ok", "partial"):
+                self.requests.labels(target, method, result)
+            for c in (self.attempted, self.done, self.verified):
+                c.labels(target, method)
+            self.forks.labels(target)
+            for cause in ("fork", "drop"):
+                self.regressions.labels(target, cause)
+            self.recollapsed.labels(target)
+            self.fork_restore.labels(target)
+            self.pacing.labels(target)
+
     def count_races(self, counts: Mapping[str, int]) -> None:
         """Races another part counts itself (discovery's, totals so far by kind): the
         counter grows by what is new since the last call."""

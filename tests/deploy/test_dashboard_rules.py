@@ -377,9 +377,13 @@ def names_used() -> tuple[set[str], set[str]]:
     return metrics, labels
 
 
-def expand(expr: str, variables: list[str]) -> str:
-    """Grafana's variables as promtool can parse them: ranges 5m, label values .+."""
-    for name, value in (("__rate_interval", "5m"), ("__interval", "1m"), ("__range", "1h")):
+GRAFANA_DURATIONS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
+
+
+def expand(expr: str, variables: list[str], durations: dict[str, str] = GRAFANA_DURATIONS) -> str:
+    """Grafana's variables as Prometheus can parse them: its built-in durations (ranges 5m
+    unless `durations` says otherwise), label values .+ (what "All" selects)."""
+    for name, value in durations.items():
         expr = re.sub(rf"\$\{{{name}\}}|\${name}\b", value, expr)
     for name in variables:
         expr = re.sub(rf"\$\{{{name}\}}|\${name}\b|\[\[{name}\]\]", ".+", expr)
