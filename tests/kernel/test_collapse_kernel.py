@@ -325,11 +325,13 @@ def test_without_pidfd_open_the_proc_directory_pins_the_process(spawn, monkeypat
         assert not h.is_pidfd and procs.pidfd_refusal() == procs.NO_PIDFD_REASON
         assert os.readlink(f"/proc/self/fd/{h.fd}") == f"/proc/{child.pid}"
         h.check_alive()
+        assert not h.exited  # (a directory fd always polls readable: not asked that way)
         with pytest.raises(NotImplementedError, match="no pidfd_open"):
             h.pidfd  # noqa: B018
         child.kill(reap=reap)
         with pytest.raises(ProcessGone):
             h.check_alive()
+        assert h.exited
     with pytest.raises(ProcessGone):
         PidHandle(proc)
     other = spawn(4 * MiB)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -83,8 +84,13 @@ def running(tmp_path):
     """Start a Daemon on the simulated backend in a thread; stop it afterwards."""
     started: list[tuple[Daemon, threading.Thread]] = []
 
-    def start(method: str = "collapse") -> Daemon:
+    def start(
+        method: str = "collapse", *, before: Callable[[Daemon], None] | None = None
+    ) -> Daemon:
+        """`before(d)` runs after the machine is made and before the daemon's thread."""
         d = Daemon(load_config(write_config(tmp_path, method)), events=False)
+        if before is not None:
+            before(d)
         t = threading.Thread(target=d.run, daemon=True)
         t.start()
         started.append((d, t))
@@ -108,10 +114,16 @@ def wait_until(cond, timeout: float = 60.0) -> None:
 # unmovable pages, so the RFC algorithm stops at about 0.5 (tests/sim/test_ranger_* cover it).
 @pytest.mark.parametrize("method", ["collapse", "ranger-improved"])
 def test_daemon_defragments_the_target_and_exports_what_it_did(running, method):
-    d = running(method)
+    seen: dict[str, tuple[float, int]] = {}
+
+    def measure(d: Daemon) -> None:  # before the daemon's thread can touch anything
+        seen.update(
+            simdb=thp_coverage(d.backend, "simdb"), bystander=thp_coverage(d.backend, "bystander")
+        )
+
+    d = running(method, before=measure)
+    (before, present), bystander_before = seen["simdb"], seen["bystander"]
     wait_until(lambda: d.published is not None and d.endpoint.server is not None)
-    before, present = thp_coverage(d.backend, "simdb")
-    bystander_before = thp_coverage(d.backend, "bystander")
     # Done: a full cycle after some verified work found nothing left to queue.
     wait_until(
         lambda: total(d.metrics.verified) > 0 and d.scheduler.queue_length == 0 and d.cycles >= 3

@@ -364,9 +364,12 @@ def namespace_problem(proc_root: str = "/proc") -> str | None:
             nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
         if len(nspid) > 1:
             return "in a nested PID namespace: proc events carry host pids"
-        with open(f"{proc_root}/self/uid_map") as f:
-            if f.read().split() != ["0", "0", "4294967295"]:
-                return "in a user namespace: the kernel ignores its proc event subscriptions"
+        try:
+            with open(f"{proc_root}/self/uid_map") as f:
+                if f.read().split() != ["0", "0", "4294967295"]:
+                    return "in a user namespace: the kernel ignores its proc event subscriptions"
+        except FileNotFoundError:
+            pass  # a kernel without user namespaces (CONFIG_USER_NS off): the initial one
     except OSError as e:
         return f"cannot read {proc_root}/self: {e.strerror}"
     return None

@@ -215,15 +215,28 @@ class PidHandle:
         if self.fd < 0:
             raise ProcessGone(f"pid {self.pid}: handle closed")
         if self.is_pidfd:
-            poller = select.poll()
-            poller.register(self.fd, select.POLLIN)
-            if poller.poll(0):  # a pidfd is readable once its process has exited
+            if self.exited:  # a pidfd is readable once its process has exited
                 raise ProcessGone(f"pid {self.pid}: exited")
             with ProcDir(self.proc_root, self.pid) as d:
                 d.check_identity(self.proc, alive=True)
             return
         assert self._dir is not None
         self._dir.check_identity(self.proc, alive=True)  # through the pin, not a lookup
+
+    @property
+    def exited(self) -> bool:
+        """The process has exited (zombie or reaped): discovery asks before tracking it. A
+        pidfd polls readable then; a /proc directory fd always polls readable, so without
+        a pidfd the answer comes from reading through the pin."""
+        if self.is_pidfd:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            return bool(poller.poll(0))
+        try:
+            self.check_alive()
+        except ProcessGone:
+            return True
+        return False
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -174,12 +174,14 @@ def test_proc_events_queue_overflow_is_a_lost_event(monkeypatch):
         ("NSpid:\t4242\n", "         0          0 4294967295\n", None),
         ("NSpid:\t4242\t7\n", "         0          0 4294967295\n", "nested PID namespace"),
         ("NSpid:\t4242\n", "         0     100000      65536\n", "user namespace"),
+        ("NSpid:\t4242\n", None, None),  # no uid_map: a kernel without user namespaces
     ],
 )
 def test_namespace_problem(tmp_path, nspid, uid_map, problem):
     (tmp_path / "self").mkdir()
     (tmp_path / "self/status").write_text(f"Name:\tpython\n{nspid}Uid:\t0\t0\t0\t0\n")
-    (tmp_path / "self/uid_map").write_text(uid_map)
+    if uid_map is not None:
+        (tmp_path / "self/uid_map").write_text(uid_map)
     found = namespace_problem(str(tmp_path))
     assert found is None if problem is None else problem in found
     assert "cannot read" in namespace_problem(str(tmp_path / "missing"))
