@@ -45,7 +45,9 @@ def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path
     refusal = damon_refusal()
     child = spawn(2 * half, comm="mdd-damon", hot=[(half, half, 1), (0, half, 32)])
     cfg = write_config(tmp_path / "m.yaml", "mdd-damon", extra="  access: {source: auto}")
-    cfg.write_text(cfg.read_text().replace("scan_interval: 1s", "scan_interval: 3s"))
+    # A 10 s interval: the first access window is then FIRST_WINDOW (5 s), time enough for
+    # DAMON's sampling to find the hot half under emulation (tests/vm); 3 s was not, always.
+    cfg.write_text(cfg.read_text().replace("scan_interval: 1s", "scan_interval: 10s"))
     d = daemons(cfg, "--log-level", "debug")
     if refusal is not None:
         # No kdamond for us here: the daemon says why and measures through clear_refs.

@@ -64,7 +64,12 @@ class DamonSampler:
         if got is None:
             return None
         starts, ends, freq = got
-        return [hotness_from_ranges(regions, starts, ends, freq) for _, regions in vmas]
+        hot = [hotness_from_ranges(regions, starts, ends, freq) for _, regions in vmas]
+        if self.damon.monitored() < SETTLE and not any(h.any() for h in hot):
+            # No access seen in any region asked about: DAMON's regions are still coarse
+            # (or the process is idle, which is believed after SETTLE).
+            return None
+        return hot
 
     def close(self) -> None:
         self.damon.close()

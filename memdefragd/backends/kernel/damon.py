@@ -41,6 +41,7 @@ WARMUP = 2.0  # seconds of monitoring before a process's figures mean something
 # 6.12 under emulation: 10-12 regions, none accessed, after 3 s; the hot half found after
 # 6 s). Such a reading is believed only after SETTLE seconds: then the process is idle.
 SETTLE = 10.0
+MIN_REGIONS, MAX_REGIONS = 200, 2000  # DAMON's own defaults: 10 and 1000
 ULONG_MAX = 2**64 - 1
 UINT_MAX = 2**32 - 1
 # A `stat` scheme's access pattern that every region matches (min 0, max the type's limit).
@@ -124,6 +125,12 @@ class Damon:
         self._write(f"{attrs}/intervals/sample_us", self.sample_us)
         self._write(f"{attrs}/intervals/aggr_us", self.aggr_us)
         self._write(f"{attrs}/intervals/update_us", self.update_us)
+        if self._exists(f"{attrs}/nr_regions/min"):
+            # DAMON splits each monitored area into at least this many regions from the
+            # start (default 10): coarse regions over a whole address space rarely sample
+            # a heap's hot part, and found none for 10 s in an emulated 6.12 guest.
+            self._write(f"{attrs}/nr_regions/max", MAX_REGIONS)
+            self._write(f"{attrs}/nr_regions/min", MIN_REGIONS)
 
     def close(self) -> None:
         """Stop and remove our kdamond (only if it is still the one we made)."""
@@ -271,16 +278,17 @@ class Damon:
                 pid, len(rows), int(arr[:, 2].max(initial=0)), top, self.clock() - self.started,
             )  # fmt: skip
 
+    def monitored(self) -> float:
+        """Seconds since our kdamond last (re)started: its regions start coarse again."""
+        return self.clock() - self.started
+
     def ranges(self, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(starts, ends, frequency) of the process's regions; None until it has been
-        monitored for WARMUP seconds, and while no region shows an access before SETTLE."""
-        monitored = self.clock() - self.started
-        if pid not in self.pids or monitored < WARMUP:
+        monitored for WARMUP seconds. (Whether they mean anything yet for the regions one
+        asks about is the sampler's call: see SETTLE.)"""
+        if pid not in self.pids or self.monitored() < WARMUP:
             return None
-        got = self._ranges.get(pid)
-        if got is not None and monitored < SETTLE and not got[2].any():
-            return None  # DAMON has not found the working set yet
-        return got
+        return self._ranges.get(pid)
 
 
 def _boot_id() -> str:

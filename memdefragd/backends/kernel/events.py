@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..protocol import Event
+from .privileges import CAP_NET_ADMIN, effective_capabilities, has_capability
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,14 @@ def _check_permission() -> None:
     us join the proc connector's group. pyroute2 takes that refusal for a taken port id,
     tries others and ends in a KeyError that names no cause; so ask the kernel ourselves.
     Anything else is left for pyroute2 to meet (and report)."""
+    if effective_capabilities() is not None and not has_capability(CAP_NET_ADMIN):
+        # The kernel refuses the LISTEN of a process without it; 6.18 also refuses the
+        # bind below, but 6.12 takes the bind and then simply sends nothing (seen in
+        # tests/vm): ask the capability itself rather than wait for events that never come.
+        raise EventsUnavailable(
+            "memdefragd lacks CAP_NET_ADMIN, without which the kernel sends it no proc events",
+            hint=CAPABILITY_HINT,
+        )
     try:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
     except OSError:

@@ -36,9 +36,15 @@ def scan_candidates(
     for v in report.vmas:
         if v.metrics.collapsible_vpns is None or not v.metrics.collapsible_vpns.size:
             continue
+        hot = None if hotness is None else hotness.get(v.vma.start)
+        if hot is not None and hot.size != v.metrics.collapsible_vpns.size:
+            # Figures kept from an older scan (a sampler restarting gives none for a
+            # while) of a VMA whose regions have changed since (a fork split them, say):
+            # they say nothing of these regions, which rank as unmeasured.
+            hot = None
         c = Candidate.from_metrics(
             target, proc.pid, proc.start_time, v.vma, v.metrics,
-            hotness=None if hotness is None else hotness.get(v.vma.start),
+            hotness=hot,
             urgent=None if urgent is None or not urgent.size else np.isin(
                 collapsible_regions(v.metrics), urgent
             ),

@@ -47,6 +47,7 @@ class FakeDamon(Damon):
             c = path.parent / "0"
             _files(c, avail_operations=self.avail, operations="paddr")
             _files(c / "monitoring_attrs/intervals", sample_us="", aggr_us="", update_us="")
+            _files(c / "monitoring_attrs/nr_regions", min="10", max="1000")
             _files(c / "targets", nr_targets="0")
             _files(c / "schemes", nr_schemes="0")
         elif rel.endswith("targets/nr_targets"):
@@ -151,6 +152,8 @@ def test_our_kdamond_monitors_each_process_and_goes_away_on_close(root):
     assert json.loads(d.state_file.read_text()) == {"pid": os.getpid(), "boot_id": _boot_id()}
     ctx = root / "kdamonds/0/contexts/0"
     assert (ctx / "operations").read_text() == "vaddr\n"
+    # finer regions from the start than DAMON's default 10
+    assert (ctx / "monitoring_attrs/nr_regions/min").read_text() == "200\n"
     d.watch([11, 10])
     assert [(ctx / f"targets/{i}/pid_target").read_text() for i in (0, 1)] == ["10\n", "11\n"]
     f = ctx / "schemes/1/core_filters/0"
@@ -174,11 +177,14 @@ def test_our_kdamond_monitors_each_process_and_goes_away_on_close(root):
     n = len(d.writes)
     d.watch([10, 11])  # same set: nothing rewritten
     assert len(d.writes) == n
-    # pid 11: no access seen in any region; believed (an idle process) only after SETTLE
-    assert d.ranges(11) is None
+    # pid 11: no access seen in any region asked about; believed (an idle process) only
+    # after SETTLE, when DAMON's regions have had time to find a working set
+    idle = ProcessInfo(11, "y", (), None, 0, "", 1, 0)
+    assert sampler.hotness(idle, [(vma, regions)]) is None
     t[0] = SETTLE
     d.refresh()
-    assert d.ranges(11)[2].tolist() == [0.0]
+    (cold,) = sampler.hotness(idle, [(vma, regions)])
+    assert cold.tolist() == [0.0, 0.0, 0.0]
     sampler.close()
     assert (root / "kdamonds/nr_kdamonds").read_text() == "0\n"
     assert not d.state_file.exists()

@@ -50,3 +50,12 @@ def test_hotness_urgency_and_regions_already_sent():
     # Measured, but no figures for this VMA: unknown hotness, as before the measurement.
     (c,) = scan_candidates(Target("t"), proc, rep, hotness={})
     assert c.hotness is None
+
+
+def test_figures_from_an_older_scan_of_changed_regions_are_not_applied():
+    """Kept figures for 2 regions (the sampler restarted and has none yet) against a scan
+    that now finds 3: they say nothing of these regions, which rank as unmeasured, and
+    planning goes on (it once raised, every cycle, after a fork split a heap)."""
+    proc, rep, base = scanned()
+    (c,) = scan_candidates(Target("t"), proc, rep, hotness={base: np.array([0.5, 1.0])})
+    assert c.hotness is None and c.regions.size == 3
