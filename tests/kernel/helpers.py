@@ -317,9 +317,10 @@ class Daemon:
     def text(self) -> str:
         return self.log_path.read_text()
 
-    def wait_for(self, needle: str, timeout: float = 30.0, count: int = 1) -> str:
+    def wait_for(self, needle: str, timeout: float = 60.0, count: int = 1) -> str:
         """The log once `needle` is in it `count` times; AssertionError if the daemon exits
-        first or `timeout` passes."""
+        first or `timeout` passes (60 s by default: in an emulated guest of tests/vm a
+        cold start, importing pyroute2 alone, took 13 s and once passed 30 s in all)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             text = self.text()
