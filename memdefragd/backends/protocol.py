@@ -21,7 +21,8 @@ import numpy as np
 from ..model import Layout, MemoryState, Outcome, PfnVisibility, ProcessInfo, Request, Vma
 
 # A process event: ("exec"|"fork"|"comm"|"uid"|"exit", tgid), ("forked", (parent, child))
-# for a fork that made a process, or ("lost", reason) when events may have been missed.
+# for a fork that made a process, ("lost", reason) when events may have been missed, or
+# ("subscribed", None) when they begin to flow (what came before was never announced).
 Event = tuple[str, Any]
 
 
@@ -52,7 +53,8 @@ class ProcessEvents(EventSource, Protocol):
     """An event source a backend hands out: the daemon starts it once and stops it at exit."""
 
     def start(self) -> bool:
-        """Subscribe; False (said once in the log) where events cannot flow here."""
+        """Begin subscribing, without waiting: True if events flow already. Where they
+        cannot flow here, the source says so once in the log."""
 
     def stop(self) -> bool:
         """Stop delivering; True once everything behind the source has ended."""

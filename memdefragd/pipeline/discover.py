@@ -153,14 +153,18 @@ def plan(
 
 
 def reduce_events(events: Iterable[Event]) -> tuple[list[str], set[int], set[int]]:
-    """(lost reasons, pids to look up, pids that exited), each pid by its last event:
-    fork+exec+exit of one short-lived pid is one exit; exit then fork (a reused pid) is
-    one lookup, which tells the old process from the new by start time."""
+    """(reasons for a full rescan, pids to look up, pids that exited), each pid by its
+    last event: fork+exec+exit of one short-lived pid is one exit; exit then fork (a reused
+    pid) is one lookup, which tells the old process from the new by start time. Events
+    lost, or a first subscription (what started before it was never announced), make the
+    rescan."""
     lost: list[str] = []
     last: dict[int, str] = {}
     for kind, arg in events:
         if kind == "lost":
             lost.append(str(arg))
+        elif kind == "subscribed":
+            lost.append("subscribed")
         elif kind == "exit":
             last[arg] = "exit"
         elif kind in LOOKUP_KINDS:
@@ -315,8 +319,8 @@ class Discovery:
         forked, fork_exited, execd = self._forks(events)
         lost, lookups, exits = reduce_events(events)
         if lost:
-            self.counters["lost"] += 1
-            log.debug("proc events lost (%s): full rescan", "; ".join(lost))
+            self.counters["lost"] += any(kind == "lost" for kind, _ in events)
+            log.debug("full rescan after proc events: %s", "; ".join(lost))
             changes = self.rescan()
             return replace(
                 changes,

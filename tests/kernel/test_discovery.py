@@ -98,9 +98,11 @@ def children():
 @pytest.fixture
 def events():
     ev = ProcEvents()
-    ok = ev.start()
+    ok = ev.start(timeout=5)
     try:
         require_kernel(ok, f"proc events unavailable: {ev.error}")
+        # Subscribed before any Discovery exists: its first rescan covers what came before.
+        assert ev.wait(0)[:1] == [("subscribed", None)]
         yield ev
     finally:
         ev.stop()
@@ -230,7 +232,7 @@ def fd_count() -> int:
 def test_stop_returns_promptly_and_releases_the_socket():
     before = fd_count()
     ev = ProcEvents()
-    require_kernel(ev.start(), f"proc events unavailable: {ev.error}")
+    require_kernel(ev.start(timeout=5), f"proc events unavailable: {ev.error}")
     assert ev.available and ev.running
     time.sleep(0.2)  # the reader is blocked in get() by now
     t0 = time.monotonic()
@@ -292,7 +294,8 @@ def test_overflow_is_lost_events_then_a_rescan_finds_the_target(backend, tmp_pat
         return s
 
     ev = ProcEvents(backoff=(0.05, 0.5), socket_factory=factory)
-    require_kernel(ev.start(), f"proc events unavailable: {ev.error}")
+    require_kernel(ev.start(timeout=5), f"proc events unavailable: {ev.error}")
+    assert ev.wait(0) == [("subscribed", None)]  # before the Discovery: its rescan covers it
     try:
         name = unique_name()
         target = comm_target(name)
@@ -337,7 +340,7 @@ from memdefragd.backends.kernel.events import ProcEvents
 from memdefragd.pipeline.discover import Discovery
 from memdefragd.pipeline.targets import Matcher, Target
 ev = ProcEvents()
-ok = ev.start()
+ok = ev.start(timeout=5)
 me = Target("me", Matcher(pids=frozenset({os.getpid()})))
 with Discovery(KernelBackend(), [me], ev) as d:
     ch = d.poll(0.2)

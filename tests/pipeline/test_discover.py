@@ -399,6 +399,20 @@ def test_lost_event_means_a_full_rescan():
     assert b.listings == 2 and d.counters["lost"] == 1
 
 
+def test_first_subscription_means_a_rescan_not_a_loss():
+    """The daemon does not wait for the subscription: what started before it is found by
+    one more listing, which is not counted as lost events."""
+    b = FakeBackend()
+    ev = FakeEvents()
+    d, _ = discovery(b, [REDIS], ev)
+    d.rescan()
+    b.procs[3] = proc(3, "redis")  # started before events flowed
+    ev.batches = [[("subscribed", None)]]
+    ch = d.poll(0.5)
+    assert dict(ch.added) == {3: "redis"}
+    assert b.listings == 2 and d.counters["lost"] == 0
+
+
 def test_periodic_rescan_with_events_catches_what_has_no_event():
     b = FakeBackend(proc(1, "x", rss=1 << 20))
     ev = FakeEvents()

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     print(_table(runs))
+    for r in runs:  # last, where a truncated CI log still shows them
+        for t_ in r.results:
+            if t_.outcome in ("failed", "error"):
+                print(
+                    f"vm {r.kernel.label}: {t_.outcome.upper()} {t_.nodeid}  -- {t_.message[:300]}"
+                )
     if a.summary:
         a.summary.write_text(
             json.dumps(

@@ -7,7 +7,8 @@ runs a private asyncio loop per thread, so the socket is created, read (blocking
 and closed in that thread only. Any error from the socket means events were lost (an
 overflowed receive buffer leaves the pyroute2 socket failing for good): the reader emits
 ``("lost", reason)``, closes the socket, waits with backoff, subscribes again and emits
-``("lost", "resubscribed")``; discovery answers a lost event with a full rescan. Where
+``("lost", "resubscribed")``; discovery answers a lost event with a full rescan (and the
+first subscription's ``("subscribed", None)`` too: the daemon does not wait for it). Where
 the proc connector is unavailable (a network namespace other than the host's refuses the
 subscription; a nested PID or user namespace gets none or foreign pids), `start()` logs
 it once and discovery falls back to listing.
@@ -56,6 +57,8 @@ CAPABILITY_HINT = "give memdefragd CAP_NET_ADMIN for prompt discovery"
 OLD_KERNEL_HINT = "prompt discovery needs Linux 6.1 or later here"
 _PR_SET_NAME, _PR_GET_NAME = 15, 16
 _SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in Python's socket module
+# Seconds to subscribe (pyroute2's import included) before the log says no answer came.
+SUBSCRIBE_TIMEOUT = 30.0
 
 
 def fork_of(msg: Mapping[str, Any]) -> Event | None:
@@ -121,28 +124,29 @@ class ProcEvents:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, timeout: float = 5.0) -> bool:
-        """Start the reader; True once subscribed. False (logged once) where the kernel
-        refuses proc events here: then discovery falls back to periodic listing."""
-        if self._thread is not None:
-            return self.available
-        if self._factory is None:
-            # Loaded before the clock starts: the timeout is for the kernel's answer, and
-            # importing pyroute2 alone took 13 s in an emulated guest (tests/vm).
-            import pyroute2  # noqa: F401
-        self._thread = threading.Thread(target=self._run, name="procevents", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            self.stop()
-            self.error = f"no answer from the proc connector within {timeout:g} s"
-        if self.error is not None:
-            log.warning(
-                "proc events unavailable (%s): new processes will be found by listing /proc "
-                "periodically; %s",
-                self.error, self.hint,
-            )  # fmt: skip
-            return False
-        return True
+    def start(self, timeout: float = 0.0) -> bool:
+        """Start the reader, which subscribes in its own thread; True once it has
+        subscribed (within `timeout` seconds). The daemon does not wait (timeout 0):
+        importing pyroute2 alone took 13 s in an emulated guest (tests/vm), and discovery
+        lists /proc until events flow, then rescans once to cover the gap. Where the
+        kernel refuses proc events here, the reader says so once in the log and discovery
+        keeps listing."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="procevents", daemon=True)
+            self._thread.start()
+        if timeout > 0:
+            self._started.wait(timeout)
+        return self._started.is_set() and self.error is None  # subscribed, at least once
+
+    def _unavailable(self, error: str, hint: str | None = None) -> None:
+        self.error = error
+        self.hint = hint or self.hint
+        log.warning(
+            "proc events unavailable (%s): new processes will be found by listing /proc "
+            "periodically; %s",
+            self.error, self.hint,
+        )  # fmt: skip
+        self._started.set()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the reader thread; True once it has ended. The thread blocks in the
@@ -202,14 +206,17 @@ class ProcEvents:
 
     def _run(self) -> None:
         delay, first = self.backoff[0], True
+        late = threading.Timer(SUBSCRIBE_TIMEOUT, self._late)
+        late.daemon = True
+        late.start()
         while not self._stopping.is_set():
             try:
                 ps = self._open()
             except Exception as e:
                 if first:
-                    self.error = str(e) if isinstance(e, EventsUnavailable) else repr(e)
-                    self.hint = getattr(e, "hint", self.hint)
-                    self._started.set()
+                    late.cancel()
+                    error = str(e) if isinstance(e, EventsUnavailable) else repr(e)
+                    self._unavailable(error, getattr(e, "hint", None))
                     return
                 log.debug("proc events: subscribing again failed: %r", e)
                 self._stopping.wait(delay)
@@ -219,7 +226,10 @@ class ProcEvents:
             self._subscribed.set()
             if first:
                 first = False
+                late.cancel()
                 self._started.set()
+                log.info("proc events: subscribed")
+                self._put(("subscribed", None))  # what started before: one full rescan
             else:
                 self.counters["resubscribed"] += 1
                 self._put(("lost", "resubscribed"))  # events between failure and now
@@ -237,6 +247,15 @@ class ProcEvents:
                 delay = self.backoff[0]  # it ran well for a while: start the backoff over
             self._stopping.wait(delay)
             delay = min(delay * 2, self.backoff[1])
+
+    def _late(self) -> None:
+        """Still no answer from the proc connector: say so once (it may yet come)."""
+        if not self._started.is_set() and not self._stopping.is_set():
+            log.warning(
+                "proc events: no answer from the proc connector within %g s; listing /proc "
+                "periodically until one comes",
+                SUBSCRIBE_TIMEOUT,
+            )
 
     def _read(self, ps: Any) -> None:
         while not self._stopping.is_set():

@@ -98,9 +98,10 @@ def test_proc_events_translate_recover_and_stop():
         [[pev(PROC_EVENT_EXIT, 10, 10)]],
     ]
     ev = ProcEvents(backoff=(0.01, 0.05), socket_factory=lambda: FakeSocket(scripts.pop(0), log))
-    assert ev.start()  # (available, briefly: this socket fails at once)
+    assert ev.start(timeout=5)  # (available, briefly: this socket fails at once)
     events = collect(ev, 6)
     assert events == [
+        ("subscribed", None),  # what started before the subscription: a rescan
         ("forked", (1, 10)),  # the parent's pid, for fork-aware re-collapse
         ("fork", 10),
         ("exec", 10),
@@ -123,7 +124,7 @@ def test_proc_events_unavailable_at_start(caplog):
 
     ev = ProcEvents(socket_factory=refuse)
     with caplog.at_level("WARNING", logger="memdefragd.backends.kernel.events"):
-        assert ev.start() is False
+        assert ev.start(timeout=5) is False
     assert not ev.available and "Connection refused" in ev.error
     assert sum("proc events unavailable" in r.getMessage() for r in caplog.records) == 1
     assert ev.wait(0) == []
@@ -146,9 +147,14 @@ def test_proc_events_resubscribe_retries_with_backoff():
         return FakeSocket([[pev(PROC_EVENT_EXEC, 3, 3)]], log)
 
     ev = ProcEvents(backoff=(0.01, 0.04), socket_factory=factory)
-    assert ev.start()
-    events = collect(ev, 3)
-    assert events == [("lost", "RuntimeError: boom"), ("lost", "resubscribed"), ("exec", 3)]
+    assert ev.start(timeout=5)
+    events = collect(ev, 4)
+    assert events == [
+        ("subscribed", None),
+        ("lost", "RuntimeError: boom"),
+        ("lost", "resubscribed"),
+        ("exec", 3),
+    ]
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert [g >= d * 0.99 for g, d in zip(gaps, (0.01, 0.02, 0.04), strict=True)] == [True] * 3
     assert ev.stop(timeout=2.0)
@@ -160,11 +166,16 @@ def test_proc_events_queue_overflow_is_a_lost_event(monkeypatch):
     monkeypatch.setattr(mod, "_MAX_QUEUE", 3)
     batch = [pev(PROC_EVENT_EXEC, p, p) for p in range(10, 20)]
     ev = ProcEvents(socket_factory=lambda: FakeSocket([batch], []))
-    assert ev.start()
+    assert ev.start(timeout=5)
     deadline = time.monotonic() + 5
     while ev.counters["events"] < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert ev.wait(0) == [("exec", 10), ("exec", 11), ("exec", 12), ("lost", "event queue full")]
+    assert ev.wait(0) == [
+        ("subscribed", None),
+        ("exec", 10),
+        ("exec", 11),
+        ("lost", "event queue full"),
+    ]
     assert ev.stop(timeout=2.0)
 
 
