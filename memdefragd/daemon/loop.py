@@ -51,6 +51,16 @@ log = logging.getLogger("memdefragd")
 WAIT_STEP = 0.5  # longest sleep: how late a signal or a process event may be noticed
 PRESSURE_EVERY = 1.0  # seconds between readings of PSI and MemAvailable while working
 PUBLISH_EVERY = 0.25  # seconds between snapshots for scrapes while requests follow quickly
+# A full cycle (discovery, scans, access figures, plan) that takes longer than half the
+# scan interval stretches the interval, so that the work it plans gets the other half: a
+# 1 GiB target in an emulated guest took 1.1 s to scan at `scan_interval: 1s`, and the
+# daemon did one request per cycle.
+WATCH_SHARE = 0.5
+
+
+def next_full_scan(started: float, took: float, interval: float) -> float:
+    """When the next full cycle is due, for one that began at `started` and took `took`."""
+    return started + max(interval, took / WATCH_SHARE)
 
 
 class Daemon:
@@ -103,6 +113,7 @@ class Daemon:
         self._reload = threading.Event()
         self._dirty: set[int] = set()  # pids to scan before the next cycle
         self._next_scan = 0.0
+        self._said_slow = False  # a cycle overran half the scan interval (WATCH_SHARE)
         self.memory: MemoryState | None = None
         self.published: Snapshot | None = None
         self.endpoint = Endpoint(self.metrics.registry)  # where scrapes find `metrics`
@@ -186,7 +197,16 @@ class Daemon:
             full = now >= self._next_scan
             self.scan_cycle(full=full)
             if full:
-                self._next_scan = now + self.config.daemon.scan_interval
+                interval, took = self.config.daemon.scan_interval, self.clock() - now
+                self._next_scan = next_full_scan(now, took, interval)
+                if took > WATCH_SHARE * interval and not self._said_slow:
+                    self._said_slow = True
+                    log.warning(
+                        "a full cycle took %.2f s, more than half of scan_interval (%g s): "
+                        "cycles now come every %.2f s so that collapsing gets the other half "
+                        "(said once; a longer scan_interval avoids it)",
+                        took, interval, self._next_scan - now,
+                    )  # fmt: skip
             if once:
                 self.drain()
                 return True
@@ -335,7 +355,10 @@ class Daemon:
                             "memdefragd_races_total, logged at debug level)", tracked.proc.pid,
                             tracked.proc.comm, e, tracked.target.name):  # fmt: skip
                 log.debug("skipping pid %d (%s): %s", tracked.proc.pid, tracked.proc.comm, e)
-            self.forget(tracked.proc.pid)
+            if isinstance(e, ProcessGone):
+                self.gone(tracked.proc.pid)
+            else:
+                self.forget(tracked.proc.pid)
             return
         self.metrics.scan_seconds.observe(time.perf_counter() - t0)
         self.metrics.scanned_pages.inc(rep.totals.present_pages)
@@ -486,7 +509,7 @@ class Daemon:
         react = reaction(outcome.stopped, compaction=self.config.daemon.compaction)
         if react is Reaction.FORGET:
             self.metrics.races.labels("exited").inc()
-            self.forget(req.pid)
+            self.gone(req.pid)
         elif react is Reaction.DENIED:
             log_once(log, ("EPERM", req.pid), logging.WARNING,
                  "not allowed to collapse pid %d: memdefragd needs CAP_SYS_NICE and ptrace "
@@ -509,6 +532,15 @@ class Daemon:
         plan = self.scheduler.snapshot(self.clock())
         self.published = Snapshot.of(scans, plan, self.memory, self.paused)
         self._published = self.clock()
+
+    def gone(self, pid: int) -> None:
+        """A process found gone before its exit event came: a fork child's exit is taken
+        in now (its parent re-scanned), as the event would have done."""
+        parent = self.forks.exited(pid, self.clock())
+        if parent is not None and parent in self.discovery.tracked:
+            log.info("pid %d's fork child %d exited: re-scanning it", parent, pid)
+            self._dirty.add(parent)
+        self.forget(pid)
 
     def forget(self, pid: int) -> None:
         """A process gone (or no longer ours): its record, and the plan's bookkeeping."""

@@ -182,3 +182,52 @@ def test_pressure_pause_is_logged_once_per_transition_not_per_reading():
         "INFO resuming",
     ], lines
     assert "MemAvailable 1 MiB" in lines[1] and d.paused is None
+
+
+class SlowBackend(FlakyBackend):
+    """Each cycle's memory reading moves a fake clock on: a cycle that takes `took` s."""
+
+    def __init__(self, clock: list[float], took: float):
+        super().__init__(failures=0)
+        self.clock, self.took = clock, took
+
+    def memory_state(self) -> MemoryState:
+        self.clock[0] += self.took
+        return super().memory_state()
+
+
+def test_cycles_slower_than_half_the_interval_stretch_it(caplog):
+    """Watching gets at most half the time: the work a cycle plans gets the rest."""
+    now = [100.0]
+    cfg = parse_config("daemon: {scan_interval: 1s}\ntargets:\n  - name: t\n")
+    fast = Daemon(cfg, backend=SlowBackend(now, 0.3), notifier=Sink(), events=False,
+                  clock=lambda: now[0])  # fmt: skip
+    fast.step()
+    assert fast._next_scan == 101.0  # the interval holds
+    now[0] = 200.0
+    slow = Daemon(cfg, backend=SlowBackend(now, 1.5), notifier=Sink(), events=False,
+                  clock=lambda: now[0])  # fmt: skip
+    slow._next_scan = 200.0
+    with caplog.at_level(logging.WARNING, logger="memdefragd"):
+        slow.step()
+        now[0] = slow._next_scan
+        slow.step()
+    assert slow._next_scan == 203.0 + 3.0  # twice 1.5 s after each start
+    warned = [r.getMessage() for r in caplog.records if "full cycle took" in r.getMessage()]
+    assert len(warned) == 1 and "cycles now come every 3.00 s" in warned[0]
+
+
+def test_a_fork_child_found_gone_by_a_scan_rescans_its_parent(caplog):
+    """The scan can meet a short-lived fork child's exit before its event does: the
+    parent is re-scanned all the same (the event, coming later, changes nothing)."""
+    cfg = parse_config("targets:\n  - name: t\n")
+    d = Daemon(cfg, backend=FlakyBackend(failures=0), notifier=Sink(), events=False)
+    d.forks.fork(10, 11, "t", 0.0, 0.99)
+    d.discovery.tracked[10] = object()  # the parent, still tracked
+    with caplog.at_level(logging.INFO, logger="memdefragd"):
+        d.gone(11)
+    assert 10 in d._dirty
+    assert "pid 10's fork child 11 exited: re-scanning it" in caplog.text
+    assert d.forks.exited(11, 1.0) is None  # taken in once
+    assert d.forks.forking(10)  # on its way back to its coverage
+    d.discovery.tracked.clear()
