@@ -235,9 +235,22 @@ def mapping_program(cfg: dict[str, Any]) -> None:
             ]
             for span in spans
         ]
+        # Each pass ends with a flush of this process's TLB, as a hardware TLB's few
+        # thousand entries would force on a hot set this big: DAMON clears accessed bits
+        # without flushing, and QEMU's software TLB (tests/vm) holds millions of entries,
+        # so an emulated CPU never marked a hot page accessed again. An mprotect over more
+        # pages than Linux flushes one by one (tlb_single_page_flush_ceiling, 33) flushes
+        # the whole TLB of the process.
+        flush = 64 * PAGE
+        scratch = libc.mmap(None, flush, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        check(0 if scratch not in (None, MAP_FAILED) else -1, "mmap scratch")
+        check(libc.madvise(scratch, flush, MADV_DONTFORK), "madvise scratch")  # no merging
+        ctypes.memset(scratch, 1, flush)  # present, so that mprotect changes PTEs
         while True:
             for v in views:
                 v.sum()
+            libc.mprotect(scratch, flush, PROT_READ)
+            libc.mprotect(scratch, flush, PROT_RW)
 
     if cfg.get("hot"):
         threading.Thread(target=reader, args=(cfg["hot"],), daemon=True).start()

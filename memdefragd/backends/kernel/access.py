@@ -63,13 +63,13 @@ class DamonSampler:
         got = self.damon.ranges(proc.pid)
         if got is None:
             return None
-        starts, ends, freq = got
-        hot = [hotness_from_ranges(regions, starts, ends, freq) for _, regions in vmas]
-        if self.damon.monitored() < SETTLE and not any(h.any() for h in hot):
-            # No access seen in any region asked about: DAMON's regions are still coarse
-            # (or the process is idle, which is believed after SETTLE).
+        if self.damon.monitored() < SETTLE:
+            # DAMON's regions are still coarse: a hot half and a cold half can read the
+            # same, or a cold part hotter (seen under emulation at 2-6 s), and one early
+            # reading orders all the work. An idle process reads 0 until then, too.
             return None
-        return hot
+        starts, ends, freq = got
+        return [hotness_from_ranges(regions, starts, ends, freq) for _, regions in vmas]
 
     def close(self) -> None:
         self.damon.close()

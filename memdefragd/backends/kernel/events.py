@@ -132,6 +132,9 @@ class ProcEvents:
         kernel refuses proc events here, the reader says so once in the log and discovery
         keeps listing."""
         if self._thread is None:
+            if timeout > 0 and self._factory is None:
+                import pyroute2  # noqa: F401  # before the clock starts: `timeout` is the kernel's
+
             self._thread = threading.Thread(target=self._run, name="procevents", daemon=True)
             self._thread.start()
         if timeout > 0:

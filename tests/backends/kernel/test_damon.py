@@ -172,17 +172,18 @@ def test_our_kdamond_monitors_each_process_and_goes_away_on_close(root):
     proc = ProcessInfo(10, "x", (), None, 0, "", 1, 0)
     vma = Vma(BASE, BASE + 4 * PMD_SIZE, "rw-p", 0, "00:00", 0, "")
     regions = BASE + np.arange(3, dtype=np.uint64) * np.uint64(PMD_SIZE)
-    (hot,) = sampler.hotness(proc, [(vma, regions)])
-    assert hot.tolist() == [1.0, 0.25, 0.0]
+    # DAMON's regions are coarse at first: no figures before SETTLE, even with accesses
+    assert sampler.hotness(proc, [(vma, regions)]) is None
     n = len(d.writes)
     d.watch([10, 11])  # same set: nothing rewritten
     assert len(d.writes) == n
-    # pid 11: no access seen in any region asked about; believed (an idle process) only
-    # after SETTLE, when DAMON's regions have had time to find a working set
-    idle = ProcessInfo(11, "y", (), None, 0, "", 1, 0)
-    assert sampler.hotness(idle, [(vma, regions)]) is None
     t[0] = SETTLE
     d.refresh()
+    (hot,) = sampler.hotness(proc, [(vma, regions)])
+    assert hot.tolist() == [1.0, 0.25, 0.0]
+    # pid 11: no access seen in any region: an idle process, its regions not even read back
+    idle = ProcessInfo(11, "y", (), None, 0, "", 1, 0)
+    assert d.ranges(11)[0].tolist() == []
     (cold,) = sampler.hotness(idle, [(vma, regions)])
     assert cold.tolist() == [0.0, 0.0, 0.0]
     sampler.close()
