@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import check_config, defrag, demo, report, run, simulate
+from .commands import check_config, defrag, demo, report, run, simulate, snapshot
 
-COMMANDS = (report, run, defrag, simulate, demo, check_config)  # in --help's order
+COMMANDS = (report, run, defrag, simulate, snapshot, demo, check_config)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,13 +23,17 @@ from ..backends.sim.aging import BIG_MACHINE, Scenario, age
 from ..backends.sim.backend import SimBackend
 from ..backends.sim.machine import Machine
 from ..backends.sim.ranger import defrag
+from ..backends.sim.seed import Seeding, seed
 from ..model import PAGE_SIZE, Method
 from ..pipeline.scan import scan_process
 from ..pipeline.score import Rollup, free_pages, rollup, unusable_index
+from ..snapshot import HostSnapshot, SnapshotError, load, save
 from ..units import format_size
 from .common import Subparsers, add_machine_args, machine_scenario, progress_bar
+from .snapshot import add_target_args, describe, take
 
 SCHEMA = "memdefragd.simulate/1"
+HOST_SCHEMA = "memdefragd.simulate-host/1"
 # The table's rows: nothing, then each method by how much it sets out to move.
 METHODS = ("none", Method.COMPACTION, Method.COLLAPSE, Method.RANGER, Method.RANGER_IMPROVED)
 KS = (32, 128)
@@ -171,6 +175,99 @@ def simulate(
     return SimResult(scenario, method, before, after, work, aging)
 
 
+@dataclass(frozen=True, slots=True)
+class HostRun:
+    """Methods run on machines seeded from one snapshot: the figures before (what the
+    real kernel shows), and each method's after and work."""
+
+    snapshot: HostSnapshot
+    seeding: Seeding
+    seed_seconds: float
+    before: Figures
+    runs: tuple[tuple[str, Figures, Work], ...]
+
+
+def from_snapshot(
+    snap: HostSnapshot, methods: Sequence[str], progress: Progress | None = None
+) -> HostRun:
+    """Seed a machine from `snap` for each method (each starts from the same state) and
+    run it; "none" is the before column."""
+    say = progress or (lambda fraction, stage: None)
+    t0 = time.perf_counter()
+    machine, seeding = seed(snap)
+    seconds = time.perf_counter() - t0
+    before = measure(machine)
+    runs = []
+    todo = [m for m in methods if m != "none"]
+    for i, method in enumerate(todo):
+        if i:
+            machine, _ = seed(snap)
+        share = _share(say, i, len(todo))
+        work = apply(machine, method, share)
+        runs.append((method, measure(machine), work))
+    return HostRun(snap, seeding, seconds, before, tuple(runs))
+
+
+def _share(say: Progress, i: int, n: int) -> Progress:
+    """Progress of the i-th of n equal phases as a share of the whole."""
+    return lambda fraction, stage: say((i + fraction) / n, stage)
+
+
+def render_host(r: HostRun) -> str:
+    """Before, then each method's after, side by side; then what the seeding assumed."""
+    out = [
+        f"seeded from {describe(r.snapshot)} (seeded in {r.seed_seconds:.2f} s)",
+        f"  {'':<28}{'before':>14}" + "".join(f"{m:>17}" for m, _, _ in r.runs),
+    ]
+    figs = [r.before, *(f for _, f, _ in r.runs)]
+    rows = [
+        ("runs", [_c(f, "runs") for f in figs]),
+        *((f"coverage@{k}", [_cov(f, k) for f in figs]) for k in KS),
+        *((f"runs_for({p})", [_rf(f, p) for f in figs]) for p in PS),
+        ("largest run", [_largest(f) for f in figs]),
+        ("mean run", [_mean(f) for f in figs]),
+        ("THP coverage", [_pct(f.totals.thp_coverage) for f in figs]),
+        ("unusable index (order 9)", [f"{f.unusable_9:.3f}" for f in figs]),
+        ("free", [format_size(f.free_pages * PAGE_SIZE) for f in figs]),
+    ]
+    for name, cells in rows:
+        out.append(f"  {name:<28}{cells[0]:>14}" + "".join(f"{c:>17}" for c in cells[1:]))
+    for method, _, w in r.runs:
+        out.append(
+            f"  {method}: {w.pages_migrated} pages migrated, {w.pages_exchanged} exchanged, "
+            f"{w.thp_promoted} THPs promoted, {w.thp_collapsed} collapsed, in {w.seconds:.2f} s"
+        )
+        if w.failures:
+            out.append(
+                "    failures: " + ", ".join(f"{k} {v}" for k, v in sorted(w.failures.items()))
+            )
+    out.append("  the model, from the kernel's flags:")
+    out += [f"    {n}" for n in (*r.snapshot.notes, *r.seeding.notes)]
+    return "\n".join(out) + "\n"
+
+
+def host_to_json(r: HostRun) -> dict[str, object]:
+    s = r.snapshot
+    return {
+        "schema": HOST_SCHEMA,
+        "snapshot": {
+            "kernel": s.kernel,
+            "taken": s.taken,
+            "seconds": round(s.seconds, 3),
+            "frames": s.nframes,
+            "processes": [{"pid": p.pid, "comm": p.comm} for p in s.processes],
+        },
+        "seeding": {
+            "frames": r.seeding.frames,
+            "pages": r.seeding.pages,
+            "thps": r.seeding.thps,
+            "notes": [*s.notes, *r.seeding.notes],
+        },
+        "before": _figures_json(r.before),
+        "methods": {m: {"after": _figures_json(f), "work": _work_json(w)} for m, f, w in r.runs},
+    }
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -191,17 +288,21 @@ def to_json(r: SimResult) -> dict[str, object]:
         "aging_seconds": round(r.aging_seconds, 3),
         "before": _figures_json(r.before),
         "after": _figures_json(r.after),
-        "work": {
-            "pages_migrated": r.work.pages_migrated,
-            "pages_exchanged": r.work.pages_exchanged,
-            "pages_moved": r.pages_moved,
-            "bytes_copied": r.work.bytes_copied,
-            "thp_promoted": r.work.thp_promoted,
-            "thp_collapsed": r.work.thp_collapsed,
-            "thp_split": r.work.thp_split,
-            "failures": dict(sorted(r.work.failures.items())),
-            "seconds": round(r.work.seconds, 3),
-        },
+        "work": _work_json(r.work),
+    }
+
+
+def _work_json(w: Work) -> dict[str, object]:
+    return {
+        "pages_migrated": w.pages_migrated,
+        "pages_exchanged": w.pages_exchanged,
+        "pages_moved": w.bytes_copied // PAGE_SIZE,
+        "bytes_copied": w.bytes_copied,
+        "thp_promoted": w.thp_promoted,
+        "thp_collapsed": w.thp_collapsed,
+        "thp_split": w.thp_split,
+        "failures": dict(sorted(w.failures.items())),
+        "seconds": round(w.seconds, 3),
     }
 
 
@@ -295,9 +396,11 @@ def _pct(x: float | None) -> str:
 __all__ = [
     "METHODS",
     "Figures",
+    "HostRun",
     "SimResult",
     "Work",
     "apply",
+    "from_snapshot",
     "measure",
     "render",
     "simulate",
@@ -311,12 +414,17 @@ __all__ = [
 def set_argparser(sub: Subparsers) -> None:
     sim = sub.add_parser(
         "simulate",
-        help="age a simulated machine, run one method on it, print before and after",
+        help="run methods on a simulated machine (aged, or seeded from a real one)",
         description=(
             "Build a simulated machine, age it until its free memory is as fragmented as\n"
             "asked, run one method over every process on it, and print the contiguity of\n"
             "their memory before and after (pooled over all processes), the free memory's\n"
-            "unusable index, and what the method moved and why it failed where it did."
+            "unusable index, and what the method moved and why it failed where it did.\n"
+            "\n"
+            "With --from-host (root) or --from-snapshot FILE the machine is instead seeded\n"
+            "from a real one: its frames as /proc/kpageflags says, its zones, and the\n"
+            "chosen processes' pages at their real frames; each method runs from that same\n"
+            "state, side by side, and the figures before are what `report` shows for them."
         ),
         epilog="Methods: none; compaction (Linux zone compaction); collapse (khugepaged's\n"
         "copy into free 2 MiB blocks); ranger (Translation Ranger as in its RFC);\n"
@@ -324,11 +432,23 @@ def set_argparser(sub: Subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_machine_args(sim, "simulated machine", memory=BIG_MACHINE)
+    host = sim.add_argument_group("a real machine instead")
+    src = host.add_mutually_exclusive_group()
+    src.add_argument(
+        "--from-host", action="store_true",
+        help="seed from this machine now (root: needs /proc/kpageflags and frame numbers)",
+    )  # fmt: skip
+    src.add_argument(
+        "--from-snapshot", metavar="FILE", help="seed from `memdefragd snapshot`'s FILE"
+    )
+    host.add_argument("--save", metavar="FILE", help="with --from-host, also save the snapshot")
+    add_target_args(host)
     sim.add_argument(
         "--method",
-        default="ranger",
+        action="append",
         choices=[str(m) for m in METHODS],
-        help="what to run on it (default ranger)",
+        help="what to run (repeatable; default ranger, or ranger and ranger-improved on a "
+        "real machine's snapshot)",
     )
     sim.add_argument("--json", action="store_true", help="print JSON (memdefragd.simulate/1)")
     sim.add_argument(
@@ -338,37 +458,85 @@ def set_argparser(sub: Subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
+    if args.from_host or args.from_snapshot:
+        return _main_host(args)
+    if args.save or args.pid or args.config:
+        print("memdefragd: --save, --pid and -c need --from-host", file=sys.stderr)
+        return 2
     try:
         scenario = machine_scenario(args)
         scenario.validate()
     except ValueError as e:
         print(f"memdefragd: {e}", file=sys.stderr)
         return 2
-    shots = None
-    if args.png:
-        from ..backends.sim.render import Snapshots
-
-        shots = Snapshots()
-    try:
-        result = simulate(scenario, args.method, progress=progress_bar(min_seconds=1.0), keep=shots)
-    except ValueError as e:  # a machine too small to build, a workload that cannot fit
-        print(f"memdefragd: {e}", file=sys.stderr)
+    methods = list(dict.fromkeys(args.method or ["ranger"]))
+    if args.png and len(methods) > 1:
+        print("memdefragd: --png draws one method: give --method once", file=sys.stderr)
         return 2
-    if shots is not None:
-        title = (
-            f"{format_size(scenario.memory)} fragmentation {scenario.fragmentation} "
-            f"seed {scenario.seed}: {args.method}"
-        )
+    results = []
+    for method in methods:
+        shots = None
+        if args.png:
+            from ..backends.sim.render import Snapshots
+
+            shots = Snapshots()
         try:
-            shots.write(args.png, title)
-        except OSError as e:
-            print(f"memdefragd: --png {args.png}: {e.strerror}", file=sys.stderr)
-            return 1
+            result = simulate(scenario, method, progress=progress_bar(min_seconds=1.0), keep=shots)
+        except ValueError as e:  # a machine too small to build, a workload that cannot fit
+            print(f"memdefragd: {e}", file=sys.stderr)
+            return 2
+        if shots is not None:
+            title = (
+                f"{format_size(scenario.memory)} fragmentation {scenario.fragmentation} "
+                f"seed {scenario.seed}: {method}"
+            )
+            try:
+                shots.write(args.png, title)
+            except OSError as e:
+                print(f"memdefragd: --png {args.png}: {e.strerror}", file=sys.stderr)
+                return 1
+        results.append(result)
     if args.json:
-        print(json.dumps(to_json(result), indent=2))
+        docs = [to_json(r) for r in results]
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     else:
-        print(render(result), end="")
+        for result in results:
+            print(render(result), end="")
         if args.png:
             print(f"  picture: {args.png}")
+    return 0
+
+
+def _main_host(args: argparse.Namespace) -> int:
+    """`simulate --from-host` / `--from-snapshot`: seed, run each method, side by side."""
+    if args.png or args.memory is not None:
+        print("memdefragd: --png and --memory describe an aged machine, not a snapshot",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.from_snapshot and (args.save or args.pid or args.config):
+        print("memdefragd: --save, --pid and -c take a snapshot: use --from-host", file=sys.stderr)
+        return 2
+    try:
+        if args.from_snapshot:
+            snap = load(args.from_snapshot)
+        else:
+            snap = take(args)
+            if args.save:
+                save(snap, args.save)
+    except (ValueError, SnapshotError) as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"memdefragd: {e.filename or 'snapshot'}: {e.strerror}", file=sys.stderr)
+        return 1
+    methods = list(dict.fromkeys(args.method or ["ranger", "ranger-improved"]))
+    try:
+        result = from_snapshot(snap, methods, progress_bar(min_seconds=1.0))
+    except ValueError as e:
+        print(f"memdefragd: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(host_to_json(result), indent=2))
+    else:
+        print(render_host(result), end="")
     return 0

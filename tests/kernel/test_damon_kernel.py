@@ -59,7 +59,6 @@ def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path
     assert "access-aware priority from DAMON (our own kdamond)" in text
     assert "clear_refs" not in text
     assert nr_kdamonds() == 1
-    kdamond = (ADMIN / "kdamonds/0/pid").read_text().strip()
     assert (ADMIN / "kdamonds/0/contexts/0/operations").read_text().strip() == "vaddr"
     hot = lambda a: child.addr + half <= a < child.end  # noqa: E731
     cold = lambda a: child.addr <= a < child.addr + half  # noqa: E731
@@ -70,6 +69,8 @@ def test_one_vma_hot_half_first_through_our_own_kdamond(spawn, daemons, tmp_path
             break
         assert d.proc.poll() is None, d.text()
         time.sleep(0.5)
+    kdamond = (ADMIN / "kdamonds/0/pid").read_text().strip()  # running by now
+    assert int(kdamond) > 0, kdamond
     order = [a for a in collapsed_in_order(d.text(), child.pid) if hot(a) or cold(a)]
     text = d.text()
     n = half // PMD

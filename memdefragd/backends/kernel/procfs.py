@@ -148,6 +148,34 @@ def parse_buddyinfo(text: str) -> list[ZoneFree]:
     return zones
 
 
+def parse_zoneinfo(text: str) -> list[tuple[int, str, int, int, int, int]]:
+    """Populated zones of /proc/zoneinfo: (node, zone, start_pfn, spanned, present,
+    managed), in the file's order. Empty zones (spanned 0) print no start_pfn: left out."""
+    out = []
+    node, zone = -1, ""
+    vals: dict[str, int] = {}
+
+    def flush() -> None:
+        if zone and vals.get("spanned", 0) > 0 and "start_pfn" in vals:
+            out.append((node, zone, vals["start_pfn"], vals["spanned"], vals.get("present", 0),
+                        vals.get("managed", 0)))  # fmt: skip
+
+    for line in text.splitlines():
+        m = re.match(r"^Node\s+(\d+),\s+zone\s+(\S+)", line)
+        if m:
+            flush()
+            node, zone, vals = int(m[1]), m[2], {}
+            continue
+        parts = line.replace(":", " ").split()
+        if len(parts) == 2 and parts[0] in ("spanned", "present", "managed", "start_pfn"):
+            try:
+                vals[parts[0]] = int(parts[1])
+            except ValueError as e:
+                raise ParseError(f"zoneinfo: bad {parts[0]} in zone {zone}") from e
+    flush()
+    return out
+
+
 def parse_pagetypeinfo(text: str) -> dict[tuple[int, str, str], tuple[int, ...]]:
     """Free blocks per order per migrate type: {(node, zone, type): counts}.
 

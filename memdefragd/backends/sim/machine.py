@@ -256,9 +256,15 @@ class Machine:
         cmdline: Sequence[str] | None = None,
         uid: int = 1000,
         node: int | None = None,
+        pid: int | None = None,
     ) -> SimProcess:
-        pid = self._next_pid
-        self._next_pid += 1
+        """A new process, numbered from FIRST_PID up unless `pid` is given (a machine
+        seeded from a real one keeps its processes' own pids)."""
+        if pid is None:
+            pid = self._next_pid
+            self._next_pid += 1
+        elif pid in self.processes:
+            raise ValueError(f"pid {pid} exists already")
         self.clock += 1
         proc = SimProcess(
             pid=pid,
@@ -479,12 +485,19 @@ class Machine:
         if (self.kind[pfns] != FREE).any():
             raise MoveError("fault_at: a destination frame is in use")
         proc = self.processes[pid]
-        for v in vpns:  # validate first: nothing changes on error
-            vma = proc.vma_at(int(v))
-            if vma is None:
-                raise ValueError(f"fault_at: pid {pid} has no VMA at vpn {int(v):#x}")
-            if vma.pfn[int(v) - vma.start_vpn] >= 0:
-                raise ValueError(f"fault_at: vpn {int(v):#x} of pid {pid} is already present")
+        # Validate first (nothing changes on error), one VMA at a time, not page by page.
+        inside = np.zeros(vpns.size, dtype=bool)
+        for vma in proc.vmas:
+            sel = (vpns >= vma.start_vpn) & (vpns < vma.end_vpn)
+            inside |= sel
+            taken = vpns[sel][vma.pfn[vpns[sel] - vma.start_vpn] >= 0]
+            if taken.size:
+                raise ValueError(
+                    f"fault_at: vpn {int(taken[0]):#x} of pid {pid} is already present"
+                )
+        if not inside.all():
+            v = int(vpns[~inside][0])
+            raise ValueError(f"fault_at: pid {pid} has no VMA at vpn {v:#x}")
         self.buddy.set_free(pfns, False)
         self._fill(pfns, ANON, pid, vpns)
         self._set_ptes(np.full(vpns.size, pid, dtype=np.int32), vpns, pfns)

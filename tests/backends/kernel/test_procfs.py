@@ -20,6 +20,7 @@ from memdefragd.backends.kernel.procfs import (
     parse_stat,
     parse_status_uid,
     parse_vmstat,
+    parse_zoneinfo,
 )
 from memdefragd.model import PMD_PAGES, MemoryState, Pressure, Vma, ZoneFree
 from tests.paths import FIXTURES
@@ -698,3 +699,17 @@ def test_memory_state_max_ptes_none_from_knob() -> None:
     assert state({"max_ptes_none": "0"}).max_ptes_none == 0
     assert state({}).max_ptes_none == PMD_PAGES - 1
     assert state({"max_ptes_none": "bogus"}).max_ptes_none == PMD_PAGES - 1
+
+
+def test_parse_zoneinfo_keeps_populated_zones():
+    text = (
+        "Node 0, zone      DMA\n  pages free     3840\n        spanned  4095\n"
+        "        present  3998\n        managed  3840\n  start_pfn:           1\n"
+        "Node 0, zone   Normal\n        spanned  5505024\n        present  5505024\n"
+        "        managed  1638400\n  start_pfn:           1048576\n"
+        "Node 0, zone  Movable\n  pages free     0\n        spanned  0\n        present  0\n"
+    )
+    assert parse_zoneinfo(text) == [
+        (0, "DMA", 1, 4095, 3998, 3840),
+        (0, "Normal", 1048576, 5505024, 5505024, 1638400),
+    ]
