@@ -8,7 +8,9 @@
 # `docker run` line and why each part of it is needed.
 
 # The Python of pyproject's requires-python, on Debian 12 like the hosts `make install`
-# targets. Bump the patch release deliberately (and pin a digest in your registry).
+# targets. Bump the patch release deliberately (and pin a digest in your registry). The
+# tests build on a local Debian 12 root instead (tests/deploy/podman.py): any base with
+# `python` 3.11+ and its venv module will do.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- build: a virtualenv with the project and exactly the versions of constraints.txt

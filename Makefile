@@ -14,9 +14,10 @@ BIN := $(VENV)/bin
 CONFIG ?= etc/memdefragd.yaml
 PYTEST_ARGS ?=
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux \
-	systemd-container debootstrap
+	systemd-container debootstrap podman runc slirp4netns
 # (systemd-container and debootstrap: the end-to-end test of the systemd unit boots a
-# container with systemd-nspawn, in tests/deploy/)
+# container with systemd-nspawn, in tests/deploy/; podman, runc and slirp4netns: the
+# container image test builds the Dockerfile and runs the image, tests/deploy/podman.py)
 
 .PHONY: run demo test check lint typecheck setup system-deps promtool clean install uninstall vm-deps vm-fetch vm-test
 

