@@ -67,6 +67,10 @@ class AccessSampler(Protocol):
     name: str
     # Seconds a newly watched process may go without figures before none are coming.
     settle: float
+    # Each window walks every page table of the process (and may flush its TLB), and its
+    # figures come from the scan's smaps fields: a cost that grows with the process, so
+    # the daemon measures only processes up to access.referenced_max_rss with it.
+    walks_target: bool
 
     def watch(self, procs: Mapping[int, ProcessInfo]) -> None:
         """The processes to measure from now on."""
@@ -171,6 +175,13 @@ class Backend(Protocol):
     def compactor(self, min_interval: float) -> Compaction | None:
         """Node compaction at most once per node per `min_interval` seconds, or None
         where the machine has none."""
+
+
+def sparse_scan(backend: Backend) -> bool:
+    """Whether a scan may list VMAs from maps rather than smaps: the backend finds the
+    pages of a VMA with nothing resident at no cost (the kernel's PAGEMAP_SCAN), so it
+    need not know each VMA's Rss first. Optional attribute; False without it."""
+    return bool(getattr(backend, "sparse_scan", False))
 
 
 def privilege_problems(backend: Backend) -> list[str]:

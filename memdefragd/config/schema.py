@@ -247,6 +247,17 @@ class DaemonSettings:
         "its pages idle for a while); off (quoted or not) ranks by size alone",
         default=AccessSource.AUTO, key="access.source",
     )  # fmt: skip
+    # clear_refs walks every page table of the target and flushes its TLB, and smaps'
+    # Referenced walks them again, at every window: a cost that grows with the target (a
+    # 2.4 GiB database's p99 rose twentyfold for seconds at the start). Above this RSS a
+    # target is ranked without access figures where the sampler is `referenced` (DAMON's
+    # cost is bounded by its regions, not the target's size, so it has no such limit).
+    access_referenced_max_rss: int = setting(
+        Size(), "largest RSS of a target measured through clear_refs + Referenced (each "
+        "window walks all its page tables and flushes its TLB); larger ones are ranked by "
+        "size alone, and the log says which", default=4 << 30,
+        key="access.referenced_max_rss",
+    )  # fmt: skip
     # Regions nobody touched in the last access window: "last" queues them after all the
     # rest (an idle process is still converted, once the busy ones are done); "skip" never
     # collapses them (saves the work and the memory a collapse zero-fills; an idle cache

@@ -32,15 +32,32 @@ from ..backends.protocol import (
     limitations,
     privilege_problems,
     process_events,
+    sparse_scan,
 )
 from ..config import Config, check_methods, load_config, scheduler_settings
 from ..logonce import once as log_once
-from ..model import PMD_SIZE, AccessDenied, MemoryState, Outcome, ProcessGone, Request
+from ..model import (
+    PMD_SIZE,
+    AccessDenied,
+    MemoryState,
+    Outcome,
+    ProcessGone,
+    ProcessInfo,
+    Request,
+    Vma,
+)
 from ..pipeline.discover import Changes, Discovery, Tracked
 from ..pipeline.plan.access import Windows, by_vma, open_sampler, sampled_regions
 from ..pipeline.plan.regress import Forks, HugeMemory, split_again
 from ..pipeline.plan.scheduler import Candidate, Reaction, Scheduler, pause_kinds, reaction
-from ..pipeline.scan import ProcessReport, huge_and_collapsible, scan_process, worth_collapsing
+from ..pipeline.scan import (
+    ProcessReport,
+    huge_and_collapsible,
+    scan_process,
+    vma_key,
+    with_known_flags,
+    worth_collapsing,
+)
 from ..pipeline.verify import Verified, verify
 from .metrics import Endpoint, Metrics, Snapshot, cannot_serve, total
 from .state import Process
@@ -313,7 +330,8 @@ class Daemon:
             pids = [p for p in self._dirty if p in self.discovery.tracked]
         self._dirty.clear()
         if self.access is not None:
-            self.access.watch({pid: t.proc for pid, t in self.discovery.tracked.items()})
+            every = self.discovery.tracked.items()
+            self.access.watch({pid: t.proc for pid, t in every if self.sampled(t.proc)})
             if full:
                 self.access.refresh()
         state = self.memory = self.backend.memory_state()
@@ -340,10 +358,12 @@ class Daemon:
     def scan_one(self, tracked: Tracked, max_ptes_none: int) -> None:
         t0 = time.perf_counter()
         try:
+            vmas, detail = self.vmas_to_scan(tracked.proc)
             rep = scan_process(
                 self.backend, tracked.proc, target=tracked.target.name, collect=True,
                 only=worth_collapsing, max_ptes_none=max_ptes_none,
                 work="ranger" if self.method_for(tracked.target.name) == "ranger" else "collapse",
+                detail=detail, vmas=vmas,
             )  # fmt: skip
         except (ProcessGone, AccessDenied) as e:
             kind = "exited" if isinstance(e, ProcessGone) else "access_denied"
@@ -391,10 +411,25 @@ class Daemon:
             log.info("pid %d (%s): THP coverage restored %.1f s after its fork child exited",
                      pid, target, seconds)  # fmt: skip
 
+    def sampled(self, proc: ProcessInfo) -> bool:
+        """Whether the access sampler measures this process: one whose windows walk the
+        whole target (clear_refs) only up to access.referenced_max_rss."""
+        limit = self.config.daemon.access_referenced_max_rss
+        return self.access is not None and not (self.access.walks_target and proc.rss > limit)
+
     def measure(self, tracked: Tracked, rep: ProcessReport) -> None:
         """This scan's access figures (hotness per region), if a window has ended."""
         sampler = self.access
         assert sampler is not None  # measured only where a sampler runs
+        if not self.sampled(tracked.proc):
+            self.procs[tracked.proc.pid].hotness = {}  # ranked by size alone
+            log_once(log, ("unsampled", tracked.proc.pid), logging.INFO,
+                     "pid %d (%s): RSS %d MiB is above access.referenced_max_rss (%d MiB): "
+                     "ranked without access figures (%s would walk all its page tables and "
+                     "flush its TLB at every window)", tracked.proc.pid, tracked.target.name,
+                     tracked.proc.rss >> 20,
+                     self.config.daemon.access_referenced_max_rss >> 20, sampler.name)  # fmt: skip
+            return
         pairs = sampled_regions(rep)
         try:
             hot = sampler.hotness(tracked.proc, pairs)
@@ -532,6 +567,28 @@ class Daemon:
         plan = self.scheduler.snapshot(self.clock())
         self.published = Snapshot.of(scans, plan, self.memory, self.paused)
         self._published = self.clock()
+
+    def vmas_to_scan(self, proc: ProcessInfo) -> tuple[list[Vma], bool]:
+        """The process's VMAs for a scan, and whether they came from smaps. smaps walks
+        every page table of the target under its mmap lock, at every scan of a big heap;
+        maps does not. So where the backend skips what is not resident (PAGEMAP_SCAN) and
+        the access sampler needs no smaps field, smaps is read only when maps shows VMAs
+        it has not listed yet (their VmFlags decide whether they can be collapsed)."""
+        listings = self.metrics.vma_listings
+        need = self.access is not None and self.access.walks_target and self.sampled(proc)
+        if need or not sparse_scan(self.backend):
+            listings.labels("smaps").inc()
+            return self.backend.list_vmas(proc, detail=True), True
+        known = self.procs.setdefault(proc.pid, Process()).known_vmas
+        listings.labels("maps").inc()
+        cheap = with_known_flags(self.backend.list_vmas(proc, detail=False), known)
+        if cheap is not None:
+            return cheap, False
+        listings.labels("smaps").inc()
+        vmas = self.backend.list_vmas(proc, detail=True)
+        known.clear()
+        known.update((vma_key(v), v) for v in vmas)
+        return vmas, True
 
     def gone(self, pid: int) -> None:
         """A process found gone before its exit event came: a fork child's exit is taken

@@ -204,6 +204,12 @@ class Metrics:
             "scan_duration_seconds", "Time to scan one process.", SCAN_BUCKETS
         )
         self.scanned_pages = g.counter("scanned_pages", "Present pages scanned.")
+        self.vma_listings = g.counter(
+            "vma_listings",
+            "VMA listings read for scans, by source: smaps walks every page table of the "
+            "target under its mmap lock, maps does not.",
+            "source",
+        )
         self.races = g.counter(
             "races", "Processes that exited or refused access mid-work, by kind.", "kind"
         )

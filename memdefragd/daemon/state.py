@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import PMD_SIZE, ProcessInfo, Request
+from ..model import PMD_SIZE, ProcessInfo, Request, Vma
 from ..pipeline.plan.access import Windows
 from ..pipeline.plan.candidates import scan_candidates
 from ..pipeline.plan.scheduler import Candidate
-from ..pipeline.scan import ProcessReport
+from ..pipeline.scan import ProcessReport, VmaKey
 from ..pipeline.score import thp_coverage
 from ..pipeline.targets import Target
 
@@ -33,6 +33,9 @@ class Process:
     measure_at: float | None = None  # when its first access window ends: scan it then
     waiting: float | None = None  # since when it waits for access figures
     made_huge: int = 0  # regions verified huge since its last scan
+    # Its VMAs as smaps last listed them (VmFlags): while maps lists the same ones, a
+    # scan reads maps, which does not walk its page tables (pipeline/scan.py).
+    known_vmas: dict[VmaKey, Vma] = field(default_factory=dict)
     # Regions sent since its last scan: a plan made from that scan must not send them
     # again (its figures predate the work).
     tried: set[int] = field(default_factory=set)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -83,16 +83,18 @@ def scan_process(
     ks: Sequence[int] = DEFAULT_KS,
     ps: Sequence[float] = DEFAULT_PS,
     work: str = "collapse",
+    vmas: Sequence[Vma] | None = None,
 ) -> ProcessReport:
     """Scan one process, window by window; raises ProcessGone or AccessDenied.
 
     With `detail`, VMAs come from smaps and those with nothing resident are not read;
-    without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply. With
-    `collect`, each VMA's metrics list its collapsible regions (for the scheduler);
-    `runs=False` skips the contiguity figures; `only` picks the VMAs worth reading;
-    `work` ("collapse" or "ranger") says which regions count as collapsible.
+    without, from maps, and PAGEMAP_SCAN finds the empty ones just as cheaply. `vmas`,
+    listed by the caller (as `detail` says), saves listing them again. With `collect`,
+    each VMA's metrics list its collapsible regions (for the scheduler); `runs=False`
+    skips the contiguity figures; `only` picks the VMAs worth reading; `work` ("collapse"
+    or "ranger") says which regions count as collapsible.
     """
-    vmas = backend.list_vmas(proc, detail=detail)
+    vmas = backend.list_vmas(proc, detail=detail) if vmas is None else vmas
     wanted = [v for v in vmas if v.rss > 0] if detail else vmas
     if only is not None:
         wanted = [v for v in wanted if only(v)]
@@ -157,6 +159,27 @@ def build_report(
 
 
 # ---------------------------------------------------------------- for the daemon
+
+
+VmaKey = tuple[int, int, str, int, int, str]
+
+
+def vma_key(vma: Vma) -> VmaKey:
+    """What maps and smaps both say of a VMA: equal keys, the same mapping."""
+    return (vma.start, vma.end, vma.perms, vma.offset, vma.inode, vma.path)
+
+
+def with_known_flags(maps: Sequence[Vma], known: Mapping[VmaKey, Vma]) -> list[Vma] | None:
+    """The VMAs of a maps listing with the VmFlags an earlier smaps listing gave them (the
+    daemon's cheap scan: maps does not walk the target's page tables, smaps does); None
+    if one is new or changed, whose flags (VM_NOHUGEPAGE, say) only smaps can tell."""
+    out = []
+    for v in maps:
+        seen = known.get(vma_key(v))
+        if seen is None:
+            return None
+        out.append(replace(v, vmflags=seen.vmflags))
+    return out
 
 
 def worth_collapsing(vma: Vma) -> bool:

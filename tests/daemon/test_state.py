@@ -77,3 +77,19 @@ def test_candidates_wait_for_a_scan_and_for_access_figures_unless_urgent():
     p.tried.add(base)  # sent since the scan: not offered again
     (c,) = p.candidates(Target("t"), proc, measuring=True)
     assert (c.regions.tolist(), c.hotness.tolist()) == ([base + PMD_SIZE], [1.0])
+
+
+def test_with_known_flags_takes_smaps_flags_while_maps_lists_the_same_vmas():
+    from memdefragd.model import Vma
+    from memdefragd.pipeline.scan import vma_key, with_known_flags
+
+    heap = Vma(0x200000, 0x600000, "rw-p", 0, "00:00", 0, "", vmflags=frozenset({"nh"}))
+    lib = Vma(0x700000, 0x800000, "r-xp", 0, "08:01", 42, "/lib/x.so", vmflags=frozenset())
+    known = {vma_key(v): v for v in (heap, lib)}
+    maps = [Vma(v.start, v.end, v.perms, v.offset, v.dev, v.inode, v.path) for v in (heap, lib)]
+    got = with_known_flags(maps, known)
+    assert got is not None and [v.vmflags for v in got] == [frozenset({"nh"}), frozenset()]
+    assert not got[0].collapse_eligible  # the flag smaps gave still decides
+    grown = Vma(0x200000, 0x800000, "rw-p", 0, "00:00", 0, "")  # the heap grew: new bounds
+    assert with_known_flags([grown, maps[1]], known) is None
+    assert with_known_flags([], known) == []

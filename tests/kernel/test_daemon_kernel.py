@@ -339,3 +339,35 @@ def test_without_capabilities_the_log_names_each_missing_one(spawn, daemons, tmp
     assert "proc events unavailable" in text, text
     assert "lacks CAP_NET_ADMIN" in text, text  # asked of the capability, not of a timeout
     assert "namespaces" not in text and "Traceback" not in text, text
+
+
+@pytest.mark.needs_collapse
+def test_scans_walk_smaps_only_when_the_vmas_change_where_pagemap_scan_skips(
+    spawn, daemons, tmp_path, backend
+):
+    """Without access sampling (which reads smaps' Referenced), a scan reads maps and
+    takes VmFlags from the last smaps listing while the VMAs stay the same: smaps walks
+    the target's page tables; where the kernel lacks PAGEMAP_SCAN, smaps is read each time
+    (it says which VMAs hold nothing, which the fallback cannot skip cheaply)."""
+    from .test_metrics_names import scrape
+
+    child = spawn(32 * MiB, comm="mdd-cheap-scan")
+    cfg = write_config(tmp_path / "m.yaml", "mdd-cheap-scan", listen="127.0.0.1:0",
+                       extra="  access: {source: off}")  # fmt: skip
+    d = daemons(cfg)
+    port = d.metrics_port()
+    end = time.monotonic() + 60
+    while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
+        time.sleep(0.2)
+    assert anon_huge(child.pid, child.addr) == child.size, d.text()[-3000:]
+    d.wait_for("scanned 1 process", timeout=30)
+    time.sleep(3)  # a few more 1 s cycles
+    text, samples = scrape(port)
+    smaps = samples.get(("memdefragd_vma_listings_total", (("source", "smaps"),)), 0)
+    maps = samples.get(("memdefragd_vma_listings_total", (("source", "maps"),)), 0)
+    if backend.sparse_scan:
+        # the first scan, and one more per change of the VMA list (the Python child may
+        # map a little as it runs): far fewer than scans
+        assert maps >= 3 and smaps < maps, text
+    else:
+        assert smaps >= 3 and maps == 0, text

@@ -194,3 +194,82 @@ def test_regions_are_2mib_aligned_in_requests(running):
         for lo, hi in o.request.ranges:
             assert lo % PMD_SIZE == 0 and hi % PMD_SIZE == 0
             assert o.request.vma_start <= lo < hi <= o.request.vma_end
+
+
+def test_scans_read_smaps_once_per_process_then_maps_while_its_vmas_stay(tmp_path):
+    """smaps walks a target's page tables; where the backend skips what is not resident,
+    later scans read maps and take the VmFlags smaps gave (pipeline/scan.py)."""
+    d = Daemon(load_config(write_config(tmp_path)), events=False)
+    try:
+        for _ in range(4):
+            d.scan_cycle(full=True)
+        listed = {s.labels["source"]: s.value for s in d.metrics.vma_listings.collect()[0].samples
+                  if s.name.endswith("_total")}  # fmt: skip
+        assert d.procs and listed == {"smaps": 1.0, "maps": 4.0}
+        (p,) = d.procs.values()
+        assert p.known_vmas and all(v.vmflags is not None for v in p.known_vmas.values())
+        assert p.report is not None and p.report.vmas  # the cheap scans still see the heap
+    finally:
+        d.backend.close()
+
+
+class _Sampler:
+    """An access sampler whose figures come from smaps fields (as Referenced's do)."""
+
+    name, settle, walks_target = "stand-in", 0.0, True
+
+    def watch(self, procs):
+        pass
+
+    def refresh(self):
+        pass
+
+    def hotness(self, proc, vmas):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_a_sampler_that_needs_smaps_gets_it_at_every_scan(tmp_path):
+    d = Daemon(load_config(write_config(tmp_path)), events=False)
+    d.access = _Sampler()
+    try:
+        for _ in range(3):
+            d.scan_cycle(full=True)
+        listed = {s.labels["source"]: s.value for s in d.metrics.vma_listings.collect()[0].samples
+                  if s.name.endswith("_total")}  # fmt: skip
+        assert listed == {"smaps": 3.0}
+    finally:
+        d.backend.close()
+
+
+class _Recorder(_Sampler):
+    def __init__(self):
+        self.watched: list[set[int]] = []
+
+    def watch(self, procs):
+        self.watched.append(set(procs))
+
+
+def test_targets_above_referenced_max_rss_are_not_sampled_and_say_so(tmp_path, caplog):
+    """A sampler whose windows walk the whole target (clear_refs) is kept off big ones:
+    they are ranked by size alone, scanned through maps, and the log says why once."""
+    path = write_config(tmp_path, extra="  access: {referenced_max_rss: 1MiB}")
+    d = Daemon(load_config(path), events=False)
+    d.access = sampler = _Recorder()
+    try:
+        with caplog.at_level("INFO", logger="memdefragd"):
+            for _ in range(3):
+                d.scan_cycle(full=True)
+        assert sampler.watched == [set()] * 3  # never asked to measure it
+        (p,) = d.procs.values()
+        assert p.hotness == {}  # no figures coming: worked on at once, by size
+        listed = {s.labels["source"]: s.value for s in d.metrics.vma_listings.collect()[0].samples
+                  if s.name.endswith("_total")}  # fmt: skip
+        assert listed == {"smaps": 1.0, "maps": 3.0}
+        said = [r.getMessage() for r in caplog.records if "referenced_max_rss" in r.getMessage()]
+        assert len(said) == 1 and "ranked without access figures" in said[0], said
+        assert d.scheduler.queue_length > 0
+    finally:
+        d.backend.close()

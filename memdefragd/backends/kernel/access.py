@@ -40,6 +40,7 @@ class DamonSampler:
 
     name = "damon"
     settle = SETTLE
+    walks_target = False
 
     def __init__(self, damon: Damon):
         """`damon` is opened already; `close()` closes it."""
@@ -80,6 +81,7 @@ class ReferencedSampler:
 
     name = "referenced"
     settle = 0.0  # figures after one window: Windows' own rule
+    walks_target = True  # clear_refs, then smaps' Referenced, at every window
 
     def __init__(
         self,

@@ -229,6 +229,11 @@ class KernelBackend:
             )
         return out
 
+    @property
+    def sparse_scan(self) -> bool:
+        """PAGEMAP_SCAN skips what is not resident: VMAs may come from maps (protocol)."""
+        return self.pagemap_scan_refusal() is None
+
     def pagemap_scan_refusal(self) -> str | None:
         """None where layouts are read with PAGEMAP_SCAN (Linux 6.7+); else why not and what
         is read instead (also when this backend was made with use_scan=False)."""

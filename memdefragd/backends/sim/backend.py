@@ -88,6 +88,7 @@ class SimHandle:
 
 class SimBackend:
     name = "simulated"
+    sparse_scan = True  # VMAs from maps cost nothing to scan here either (protocol)
     methods = frozenset(map(str, METHODS))
 
     def __init__(self, machine: Machine, window_pages: int = WINDOW_PAGES):
