@@ -255,10 +255,17 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
 
 
+def _sigint_default() -> None:
+    # A run started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and Python then keeps ignoring it (as nohup'd programs should): give the demo Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "memdefragd.cli", "demo", "--backend", "kernel", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_default,
     )  # fmt: skip
 
 
