@@ -53,6 +53,7 @@ def test_idle_connections_cost_nothing_lasting(spawn, daemons, tmp_path):
     pid = d.proc.pid
     port = d.metrics_port()
     d.wait_for("scanned 1 process(es)")
+    d.wait_for("proc events")  # subscribed (or not) in its own thread, its fds open by then
     scrape_seconds(port)  # the endpoint's first answer is part of the baseline
     base_threads, base_fds, base_rss = status(pid, "Threads"), fds(pid), status(pid, "VmRSS")
 
