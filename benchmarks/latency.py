@@ -12,7 +12,11 @@ each sample is one load's latency plus the clock's fixed cost (two vDSO reads; t
 every run, so ratios hold). Reads per second (M/s) shows what per-read figures cannot:
 time the reader lost off the CPU between reads. Samples go into a log-linear
 histogram (1 ns buckets below 16 us, 1.6% above); SIGUSR1 makes the program print the
-histogram's p50/p99/p99.9/max since the last SIGUSR1 and start afresh.
+histogram's p50/p99/p99.9/max since the last SIGUSR1 (and the histogram itself, its
+non-empty buckets, so that windows can be merged: `merged`) and start afresh. A third
+argument `huge` makes the heap born huge instead (MADV_HUGEPAGE before populating, then
+MADV_COLLAPSE over it for whatever fell back to 4 KiB pages): benchmarks/watch_cost.py
+times a target the daemon has nothing to do for.
 
 Three runs, each on a fresh target, one after the other:
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import selectors
@@ -69,6 +74,9 @@ C_SOURCE = r"""
 #include <sys/prctl.h>
 #include <time.h>
 
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
 #define LINEAR 16384
 #define SUB 64
 #define NBUCKETS (LINEAR + 40 * SUB)
@@ -107,6 +115,7 @@ static double quantile(double q) {
 
 int main(int argc, char **argv) {
     size_t size = strtoull(argv[1], 0, 0), pmd = 2 << 20;
+    int huge = argc > 3 && strcmp(argv[3], "huge") == 0;
     prctl(PR_SET_NAME, argv[2], 0, 0, 0);
     char *raw = mmap(0, size + 2 * pmd, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) { perror("mmap"); return 1; }
@@ -114,7 +123,9 @@ int main(int argc, char **argv) {
     munmap(raw, base - raw);
     munmap(base + size, raw + size + 2 * pmd - (base + size));
     madvise(base, size, MADV_DONTDUMP);  /* flags of its own: nothing merges with it */
+    if (huge) madvise(base, size, MADV_HUGEPAGE);
     for (size_t off = 0; off < size; off += 4096) memset(base + off, 0x5A, 4096);
+    if (huge) madvise(base, size, MADV_COLLAPSE);  /* what fell back to 4 KiB pages */
     signal(SIGUSR1, on_usr1);
     printf("{\"addr\": %lu, \"size\": %zu}\n", (unsigned long)base, size);
     fflush(stdout);
@@ -137,9 +148,13 @@ int main(int argc, char **argv) {
             report = 0;
             uint64_t end = now_ns();
             printf("{\"ops\": %lu, \"seconds\": %.3f, \"p50\": %.0f, \"p99\": %.0f, "
-                   "\"p999\": %.0f, \"max\": %lu}\n", (unsigned long)nops,
+                   "\"p999\": %.0f, \"max\": %lu, \"hist\": [", (unsigned long)nops,
                    (end - started) / 1e9, quantile(0.5), quantile(0.99), quantile(0.999),
                    (unsigned long)maxv);
+            const char *sep = "";
+            for (int i = 0; i < NBUCKETS; i++)
+                if (hist[i]) { printf("%s[%d,%lu]", sep, i, (unsigned long)hist[i]); sep = ","; }
+            printf("]}\n");
             fflush(stdout);
             memset(hist, 0, sizeof hist);
             nops = maxv = 0;
@@ -148,6 +163,41 @@ int main(int argc, char **argv) {
     }
 }
 """
+
+
+LINEAR, SUB = 16384, 64  # the C program's histogram: 1 ns buckets, then 64 per power of 2
+
+
+def bucket_value(i: int) -> float:
+    """Upper bound in ns of the C program's bucket i (its value())."""
+    if i < LINEAR:
+        return float(i)
+    e, s = divmod(i - LINEAR, SUB)
+    return math.ldexp(1.0, e + 14) * (1.0 + (s + 1) / SUB)
+
+
+def merged(*windows: dict) -> dict:
+    """Figures of consecutive windows (Target.figures) taken together, as the C program
+    would have printed them for the whole span."""
+    hist: dict[int, int] = {}
+    for w in windows:
+        for i, n in w["hist"]:
+            hist[i] = hist.get(i, 0) + n
+    ops = sum(hist.values())
+
+    def quantile(q: float) -> float:
+        want, acc = math.ceil(q * ops), 0
+        for i in sorted(hist):
+            acc += hist[i]
+            if acc >= want and acc:
+                return bucket_value(i)
+        return 0.0
+
+    return {
+        "ops": ops, "seconds": sum(w["seconds"] for w in windows),
+        "p50": quantile(0.5), "p99": quantile(0.99), "p999": quantile(0.999),
+        "max": max(w["max"] for w in windows), "hist": sorted(hist.items()),
+    }  # fmt: skip
 
 
 def build(workdir: Path) -> Path:
@@ -162,11 +212,12 @@ def build(workdir: Path) -> Path:
 class Target:
     """The C program: one mapping, random timed reads until killed."""
 
-    def __init__(self, exe: Path, size: int, comm: str):
+    def __init__(self, exe: Path, size: int, comm: str, huge: bool = False):
         self.comm, self.size = comm, size
         self.p = subprocess.Popen(
-            [str(exe), str(size), comm], stdout=subprocess.PIPE, text=True, bufsize=1
-        )
+            [str(exe), str(size), comm, *(["huge"] if huge else [])],
+            stdout=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
         self.addr = json.loads(self._line(600))["addr"]
 
     def _line(self, timeout: float) -> str:
