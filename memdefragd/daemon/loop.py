@@ -163,7 +163,7 @@ class Daemon:
                 log.error("%s", cannot_serve(listen, path, e))
                 self.backend.close()
                 return 2
-        if self.events is not None:
+        if self.events is not None and not once:  # one cycle needs no prompt discovery
             self.events.start()
         if not once and not self.dry_run:  # both would act on targets only to throw it away
             self.access, how = open_sampler(self.config.daemon.access_source, self.backend)

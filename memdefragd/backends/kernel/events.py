@@ -159,6 +159,11 @@ class ProcEvents:
         thread = self._thread
         if thread is None:
             return True
+        if not self._started.is_set():
+            # Still importing pyroute2 or subscribing, with nothing to wake it: it ends by
+            # itself once there (a daemon thread: process exit does not wait for it).
+            thread.join(min(timeout, 0.5))
+            return not thread.is_alive()
         deadline = time.monotonic() + timeout
         while thread.is_alive() and time.monotonic() < deadline:
             _poke()

@@ -234,3 +234,29 @@ def test_a_kernel_whose_subscription_answer_pyroute2_cannot_read_lists_instead(m
     )
     assert ev.hint == mod.OLD_KERNEL_HINT
     assert not ev.available
+
+
+def test_a_stop_before_the_subscription_does_not_wait_for_it():
+    """The daemon does not wait for the subscription (pyroute2's import alone took 13 s
+    in an emulated guest), nor does a stop that comes first: the reader ends by itself
+    once subscribed, closing its socket."""
+    log: list = []
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow():
+        entered.set()
+        gate.wait(5)  # importing, subscribing...
+        return FakeSocket([], log)
+
+    ev = ProcEvents(socket_factory=slow)
+    assert ev.start() is False  # not subscribed yet, and not waited for
+    assert entered.wait(5)
+    t0 = time.monotonic()
+    assert ev.stop(timeout=5.0) is False  # still on its way: not waited for either
+    assert time.monotonic() - t0 < 2.0
+    gate.set()
+    deadline = time.monotonic() + 5
+    while ev.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not ev.running and [k for k, _ in log] == ["open", "close"]
+    assert ev.wait(0) in ([], [("subscribed", None)])
