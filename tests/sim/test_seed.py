@@ -196,3 +196,17 @@ def test_simulate_from_snapshot_runs_each_method_from_the_same_state(tmp_path, c
     assert "runs_for(0.99)" in out and "slab: unmovable" in out
     assert main(["simulate", "--from-snapshot", str(path), "--pid", "1"]) == 2
     assert main(["simulate", "--pid", "1"]) == 2
+
+
+def test_shmem_pages_are_movable_but_not_on_exchange_pages_terms():
+    """tmpfs/shmem page cache (SwapBacked, not anonymous): the RFC's exchange_pages
+    refuses it (dst_file_failed on its kernel), migration moves it: the non-LRU kind."""
+    from memdefragd.backends.sim.machine import NONLRU
+    from memdefragd.backends.sim.seed import MOVABLE, SIM_KIND
+    from memdefragd.snapshot import KPF_SWAPBACKED
+
+    swap = 1 << KPF_SWAPBACKED
+    flags = np.array([F["lru"] | swap, F["lru"] | F["anon"] | swap, F["lru"]], dtype=np.uint64)
+    cls = classify(flags, np.zeros(3, dtype=bool))
+    assert names(cls) == ["shmem", "anon", "file"]
+    assert SIM_KIND[CODE["shmem"]] == NONLRU and MOVABLE[CODE["shmem"]]

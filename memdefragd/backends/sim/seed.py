@@ -14,6 +14,12 @@ thing it can and counted, so a prediction always says what it assumed:
 - LRU pages (anonymous or page cache) of other processes become unowned page cache: the
   simulator's anonymous pages need an owner and a page table, and both kinds are what
   migration and exchange_pages accept; their THPs become base pages;
+- shmem and tmpfs pages (page cache marked SwapBacked, not anonymous) are movable but not
+  on terms exchange_pages accepts: it swaps only with anonymous pages or page cache whose
+  migratepage is buffer_migrate_page or none, and shmem's is migrate_page (RFC 01/31,
+  exchange_from_to_pages: -EBUSY; measured on its kernel as dst_file_failed, one skipped
+  destination each). They become the simulator's non-LRU kind: compaction and migration
+  move them, Translation Ranger's exchange stops at them;
 - slab, page tables, reserved frames, hugetlb, the zero page and pages with no flag at all
   are unmovable; flagless whole pageblocks are counted apart (holes, memory not yet handed
   to the allocator, as zoneinfo's present and managed show).
@@ -40,6 +46,7 @@ from ...snapshot import (
     KPF_PGTABLE,
     KPF_RESERVED,
     KPF_SLAB,
+    KPF_SWAPBACKED,
     KPF_UNEVICTABLE,
     KPF_ZERO_PAGE,
     HostSnapshot,
@@ -48,7 +55,7 @@ from ...snapshot import (
 )
 from ...units import format_size
 from .buddy import MAX_ORDER, MT_UNMOVABLE, PAGEBLOCK_PAGES, Zone
-from .machine import CACHE, FREE, HEAD, KIND_NAMES, TAIL, UNMOVABLE, Machine, MoveStats
+from .machine import CACHE, FREE, HEAD, KIND_NAMES, NONLRU, TAIL, UNMOVABLE, Machine, MoveStats
 
 # Frame classes: (name, simulated kind, what the kernel's flags said). Their order is
 # their code in `classify`'s result.
@@ -57,6 +64,7 @@ CLASSES: tuple[tuple[str, int, str], ...] = (
     ("anon", CACHE, "anonymous pages of other processes"),
     ("file", CACHE, "page cache"),
     ("unevictable", CACHE, "mlocked or unevictable pages (migratable)"),
+    ("shmem", NONLRU, "shmem/tmpfs pages (migratable, refused by exchange_pages)"),
     ("slab", UNMOVABLE, "slab"),
     ("pgtable", UNMOVABLE, "page tables"),
     ("reserved", UNMOVABLE, "reserved, offline, poisoned or no page"),
@@ -72,7 +80,7 @@ CLASSES: tuple[tuple[str, int, str], ...] = (
 )
 CODE = {name: i for i, (name, _, _) in enumerate(CLASSES)}
 SIM_KIND = np.array([k for _, k, _ in CLASSES], dtype=np.uint8)
-MOVABLE = np.array([k == CACHE for _, k, _ in CLASSES])  # what a process page may sit on
+MOVABLE = np.array([k in (CACHE, NONLRU) for _, k, _ in CLASSES])  # a process page may sit on
 UNIT = 1 << MAX_ORDER  # the simulator's zones start and end on order-10 blocks
 
 
@@ -102,12 +110,13 @@ def classify(flags: np.ndarray, free: np.ndarray) -> np.ndarray:
         has(KPF_ZERO_PAGE),
         lru_or_anon & (has(KPF_UNEVICTABLE) | has(KPF_MLOCKED)),
         lru_or_anon & has(KPF_ANON),
+        lru_or_anon & has(KPF_SWAPBACKED),
         lru_or_anon,
         pb_blank,
         blank,
     ]
     names = ["free", "reserved", "hugetlb", "slab", "pgtable", "zero", "unevictable", "anon",
-             "file", "unmanaged", "noflag"]  # fmt: skip
+             "shmem", "file", "unmanaged", "noflag"]  # fmt: skip
     cls = np.select(conds, [np.uint8(CODE[n]) for n in names], np.uint8(CODE["other"]))
     cls = cls.astype(np.uint8)
     heads = np.flatnonzero(has(KPF_COMPOUND_HEAD))
@@ -176,7 +185,7 @@ def seed(snap: HostSnapshot) -> tuple[Machine, Seeding]:
         placed, made, said = _place(m, p, cls, taken)
         pages, thps = pages + placed, thps + made
         notes += said
-    for kind in (UNMOVABLE, CACHE):
+    for kind in (UNMOVABLE, NONLRU, CACHE):
         pfns = np.flatnonzero((SIM_KIND[cls] == kind) & ~taken)
         m.alloc_at(pfns, kind)
     per_pb = np.count_nonzero(m.kind.reshape(-1, PAGEBLOCK_PAGES) == UNMOVABLE, axis=1)
