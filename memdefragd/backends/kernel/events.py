@@ -223,6 +223,8 @@ class ProcEvents:
             except Exception as e:
                 if first:
                     late.cancel()
+                    if self._stopping.is_set():
+                        return  # stopped meanwhile (the process may be exiting): say nothing
                     error = str(e) if isinstance(e, EventsUnavailable) else repr(e)
                     self._unavailable(error, getattr(e, "hint", None))
                     return
