@@ -7,8 +7,10 @@ benchmarks' child), which the package cannot import (tools/ is not installed wit
 
 - one anonymous mapping of SIZE bytes at a 2 MiB-aligned address, a hole each side, with
   MADV_DONTFORK (flags no neighbour has, so nothing merges with it);
-- faulted in under MADV_NOHUGEPAGE, so it is all 4 KiB pages whatever THP's ``enabled``
-  says, then given MADV_HUGEPAGE (MADV_COLLAPSE refuses a VM_NOHUGEPAGE area);
+- faulted in as 4 KiB pages: with no advice where THP's ``enabled`` is ``madvise`` or
+  ``never`` (khugepaged then leaves it alone too, so only the demo's daemon collapses it);
+  under ``always``, under MADV_NOHUGEPAGE, then given MADV_HUGEPAGE (MADV_COLLAPSE refuses
+  a VM_NOHUGEPAGE area; khugepaged may collapse some of it meanwhile, as it would anyway);
 - a random gather of GATHER 8-byte words over it with numpy (its index and output arrays
   made huge first, so only the heap differs between a reading before and one after).
 
@@ -84,12 +86,27 @@ def populate(addr: int, size: int) -> None:
             ctypes.memset(addr + off, 0x5A, 1)
 
 
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_always(path: str = THP_ENABLED) -> bool:
+    """THP's ``enabled`` is ``always``: a fault would map a huge page unasked."""
+    try:
+        with open(path) as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 def small_page_heap(size: int) -> int:
-    """The heap: 4 KiB pages (THP off while they fault in), then open to collapsing."""
+    """The heap: 4 KiB pages, open to MADV_COLLAPSE (see the module's docstring)."""
     addr = aligned_mapping(size)
-    _check(_libc.madvise(addr, size, MADV_NOHUGEPAGE), "MADV_NOHUGEPAGE")
+    always = thp_always()
+    if always:
+        _check(_libc.madvise(addr, size, MADV_NOHUGEPAGE), "MADV_NOHUGEPAGE")
     populate(addr, size)
-    _check(_libc.madvise(addr, size, MADV_HUGEPAGE), "MADV_HUGEPAGE")
+    if always:
+        _check(_libc.madvise(addr, size, MADV_HUGEPAGE), "MADV_HUGEPAGE")
     return addr
 
 
