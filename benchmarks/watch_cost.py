@@ -2,7 +2,7 @@
 to a baseline, in one run.
 
     sudo .venv/bin/python benchmarks/watch_cost.py [--sizes 1,4,8] [--seconds 60]
-        [--scan-interval 10s] [--cases watch,collapse] [--baseline DIR] [--timeout 900]
+        [--scan-interval 10s] [--cases watch,observe,collapse] [--baseline DIR] [--timeout 900]
 
 DIR holds an older `memdefragd/` package, e.g. the tree before "Watching cheaply":
 
@@ -18,12 +18,15 @@ read timed on its own, a histogram split by SIGUSR1), of each --sizes GiB. Per s
             start, reported whole and split into the first 10 s (the start-up spike: the
             interpreter's start, the first smaps listing, the first access window) and
             the rest.
+  observe   the heap of 4 KiB pages, the target in `mode: observe`: the daemon scans and
+            samples access over full-size page tables (what a smaps walk or clear_refs
+            costs grows with them) but never collapses; timed as watch.
   collapse  the heap of 4 KiB pages, everything to collapse: timed from the daemon's
             start to 90% THP coverage (what latency.py's paced run does; --timeout caps
             it), split the same way. Coverage is watched as latency.py does.
 
 Each case has an unwatched twin: the same heap (born huge for watch, 4 KiB pages for
-collapse) timed for --seconds with no daemon, split at 10 s the same way; the ratios are
+observe and collapse) timed for --seconds with no daemon, split at 10 s the same way; the ratios are
 watched / twin window by window (p99 of the whole window over the twin's whole window,
 first 10 s over the twin's first 10 s). Every run has a fresh target, and runs go one after
 another, never side by side (2 CPUs: a second target or daemon would compete for them):
@@ -77,7 +80,8 @@ STARTUP = 10.0  # seconds: the start-up window, reported on its own
 WARMUP = 2.0  # unmeasured reads before each window (caches, the clock)
 TERM_CAP = 10.0  # SIGTERM to exit, then SIGKILL
 SLACK = 1.5 * GiB  # MemAvailable beyond the target: pressure.min_available (1 GiB), daemon
-CASES = ("watch", "collapse")
+CASES = ("watch", "observe", "collapse")
+WATCHING = ("watch", "observe")  # a fixed window; collapse runs to its goal
 
 _cleanups: list[Callable[[], None]] = []
 
@@ -155,12 +159,12 @@ class DaemonRun:
         return " | ".join(text for _, text in self.lines[-3:]) or "(no output)"
 
 
-def config_text(comm: str, interval: str, port: int) -> str:
+def config_text(comm: str, interval: str, port: int, observe: bool = False) -> str:
     return (
         "daemon:\n"
         f"  scan_interval: {interval}\n"
         f'  metrics: {{listen: "127.0.0.1:{port}"}}\n'
-        "targets:\n  - name: bench\n    match:\n"
+        "targets:\n  - name: bench\n" + ("    mode: observe\n" if observe else "") + "    match:\n"
         f"      comm: {json.dumps('^' + re.escape(comm) + '$')}\n"
     )
 
@@ -260,11 +264,12 @@ def one_run(exe: Path, size: int, case: str, tree: Tree | None, args, tmp: Path,
             return run
         port = free_port()
         config = tmp / f"{comm}.yaml"
-        write_root_file(config, config_text(comm, args.scan_interval, port).encode())
+        text = config_text(comm, args.scan_interval, port, observe=case == "observe")
+        write_root_file(config, text.encode())
         base = vmstat("thp_collapse_alloc")
         d = DaemonRun(tree, config, port)
         try:
-            if case == "watch":
+            if case in WATCHING:
                 d.wait_until(d.t0 + first_len)
                 first, run.cpu_first = t.figures(), d.cpu()
                 rest = None
@@ -312,11 +317,11 @@ WINDOW_NAMES = {"all": "whole", "first": f"first {STARTUP:g}s", "after": f"after
 
 def print_size(size: int, case: str, runs: list[Run]) -> None:
     twin = next((r for r in runs if r.label == "twin"), None)
-    what = (
-        "heap born huge, nothing to collapse: the daemon only watches"
-        if case == "watch"
-        else f"heap of 4 KiB pages, everything to collapse: daemon start to {GOAL:.0%} huge"
-    )
+    what = {
+        "watch": "heap born huge, nothing to collapse: the daemon only watches",
+        "observe": "heap of 4 KiB pages, the target in observe mode: the daemon scans and "
+        "samples access (full-size page tables to walk), never collapses",
+    }.get(case, f"heap of 4 KiB pages, everything to collapse: daemon start to {GOAL:.0%} huge")
     print(f"{size / GiB:g} GiB, {case}: {what}")
     head = (
         f"  {'run':<9} {'window':<10} {'s':>6} {'M/s':>5} {'p50':>5} {'p99':>6} {'p99.9':>7} "
@@ -376,7 +381,7 @@ def print_size(size: int, case: str, runs: list[Run]) -> None:
             notes.append("no scrape answered")
         if dd.get("warnings") or dd.get("tracebacks"):
             notes.append(f"{dd['warnings']} WARNING+ lines, {dd['tracebacks']} tracebacks")
-        goal = "-" if case == "watch" else (secs(r.to_goal) if r.to_goal else "timeout")
+        goal = "-" if case in WATCHING else (secs(r.to_goal) if r.to_goal else "timeout")
         print(
             f"  {r.label:<9} {secs(r.cpu_first):>7} / {secs(r.cpu_all):>6} {share:>6} "
             f"{dd.get('cycles', 0):>6} {scans:>5} {per_scan:>7} {listings:>19} "
@@ -444,7 +449,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,4,8", help="heap sizes in GiB (default 1,4,8)")
     ap.add_argument("--seconds", type=float, default=60.0, help="each watch window (and twin)")
     ap.add_argument("--scan-interval", default="10s", help="the daemon's (default 10s)")
-    ap.add_argument("--cases", default="watch,collapse", help="watch, collapse or both")
+    ap.add_argument(
+        "--cases", default="watch,observe,collapse", help="any of watch, observe, collapse"
+    )
     ap.add_argument("--baseline", type=Path, help="a directory holding an older memdefragd/")
     ap.add_argument("--timeout", type=float, default=900.0, help="collapse: cap on start to 90%%")
     ap.add_argument("--keep", action="store_true", help="keep the configs")
@@ -457,7 +464,7 @@ def main() -> int:
         ap.error("--sizes: each at least 2 MiB (0.002)")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or set(cases) - set(CASES):
-        ap.error("--cases takes watch, collapse or both")
+        ap.error("--cases takes any of watch, observe, collapse")
     if args.seconds <= 0 or args.timeout <= STARTUP:
         ap.error(f"--seconds must be positive, --timeout above {STARTUP:g}")
     if not interval_ok(args.scan_interval):
