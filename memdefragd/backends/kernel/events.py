@@ -10,7 +10,7 @@ overflowed receive buffer leaves the pyroute2 socket failing for good): the read
 ``("lost", "resubscribed")``; discovery answers a lost event with a full rescan (and the
 first subscription's ``("subscribed", None)`` too: the daemon does not wait for it). Where
 the proc connector is unavailable (a network namespace other than the host's refuses the
-subscription; a nested PID or user namespace gets none or foreign pids), `start()` logs
+subscription; a nested PID or user namespace gets none or foreign pids), the reader logs
 it once and discovery falls back to listing.
 
 Messages become the protocol's `Event`s (`translate`, `fork_of`: pure, unit-tested); forks
