@@ -104,6 +104,10 @@ class ProcessInfo:
     cgroup: str
     start_time: int  # clock ticks since boot (/proc/PID/stat field 22): identity with pid
     rss: int
+    # Minor and major faults and virtual size (stat fields 10, 12, 23): while they and
+    # rss stay the same, its page tables did not change but for the kernel's own moves
+    # (compaction, khugepaged). None where the backend has no such counts (the simulator).
+    activity: tuple[int, int, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ commands on stdin, one JSON line each, until stdin is closed:
               then the child overwrites its own copy with garbage and exits: {"child": pid},
               once it is reaped
     collapse  MADV_COLLAPSE over the whole mapping, timed: {"seconds", "errno", "tries"}
+    unmap     MADV_DONTNEED of the mapping's first page (which splits a huge page there):
+              its rss and the region change, with no fault; "verify" expects zeros there
     hugepage  MADV_HUGEPAGE over the whole mapping: {"ok": true}
     gather    ns per access of the gather, best of ``rounds`` (3): {"ns", "all_ns"}
 
@@ -294,8 +296,14 @@ def mapping_program(cfg: dict[str, Any]) -> None:
         check(libc.madvise(addr, size, MADV_HUGEPAGE), "MADV_HUGEPAGE")
         return {"ok": True}
 
+    def unmap() -> dict[str, Any]:
+        check(libc.madvise(addr, PAGE, MADV_DONTNEED), "MADV_DONTNEED")
+        punched.add(0)
+        return {"ok": True}
+
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "verify": verify, "fork": fork, "collapse": whole_collapse, "hugepage": hugepage,
+        "unmap": unmap,
     }  # fmt: skip
     ready = {"addr": addr, "collapse_errno": err, "populate": populated}
     if cfg.get("gather"):

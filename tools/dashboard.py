@@ -702,12 +702,35 @@ def cost() -> list[Line]:
             ),
             ts(
                 "CPU budget used",
-                "Kernel time used over the CPU budget's window "
-                "(memdefragd_budget_cpu_used_ratio); at 100% requests wait for the window to "
-                "move on.",
+                "CPU time (the kernel's collapsing, the daemon's watching) used over the CPU "
+                "budget's window (memdefragd_budget_cpu_used_ratio); at 100% requests wait "
+                "for the window to move on.",
                 "percentunit",
                 q(f"memdefragd_budget_cpu_used_ratio{{{JI}}}", "{{instance}}"),
                 lo=0,
+            ),
+        ],
+        [
+            ts(
+                "Watching CPU per target",
+                "CPU time the daemon spends scanning each target's processes per second of "
+                "real time (rate of memdefragd_scan_cpu_seconds_total), and all of its "
+                "watching: discovery, matching, scans and planning "
+                "(memdefragd_watch_cpu_seconds_total), charged to budget.cpu_share.",
+                "percentunit",
+                q(_rate("memdefragd_scan_cpu_seconds_total", "target"), "{{target}}"),
+                q(
+                    _rate("memdefragd_watch_cpu_seconds_total", "instance", JI),
+                    "all @ {{instance}}",
+                ),
+            ),
+            ts(
+                "Scans read and kept",
+                "Process scans per second by result (memdefragd_scans_total): read, or kept "
+                "(a full cycle kept the last scan of a process with nothing to do and no "
+                "fault since).",
+                "short",
+                q(_rate("memdefragd_scans_total", "result"), "{{result}}"),
             ),
         ],
         [

@@ -186,7 +186,9 @@ class DaemonSettings:
         key="budget.bytes_per_second", plan=Plan("bytes_per_second"),
     )  # fmt: skip
     cpu_share: float = setting(
-        Number(0.001, 1), "share of one core spent inside the kernel collapsing, at most",
+        Number(0.001, 1), "share of one core spent collapsing (the kernel's time) and "
+        "watching (the daemon's: discovery, scans; at most half of it, or cycles come "
+        "less often than scan_interval), at most",
         default=0.1, key="budget.cpu_share", plan=Plan("cpu_share"),
     )  # fmt: skip
     chunk: int = setting(

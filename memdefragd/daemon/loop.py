@@ -75,9 +75,13 @@ PUBLISH_EVERY = 0.25  # seconds between snapshots for scrapes while requests fol
 WATCH_SHARE = 0.5
 
 
-def next_full_scan(started: float, took: float, interval: float) -> float:
-    """When the next full cycle is due, for one that began at `started` and took `took`."""
-    return started + max(interval, took / WATCH_SHARE)
+def next_full_scan(
+    started: float, took: float, interval: float, cpu: float = 0.0, cpu_share: float = 1.0
+) -> float:
+    """When the next full cycle is due, for one that began at `started`, took `took`
+    seconds and `cpu` seconds of CPU: at most WATCH_SHARE of the wall time and of the
+    CPU budget (`budget.cpu_share`) go to watching, the rest to collapsing."""
+    return started + max(interval, took / WATCH_SHARE, cpu / (WATCH_SHARE * cpu_share))
 
 
 class Daemon:
@@ -94,6 +98,7 @@ class Daemon:
         dry_run: bool = False,
         events: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ):
         self.backend = backend or open_backend(config.daemon)
         config, refused = check_methods(config, self.backend)
@@ -105,6 +110,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.dry_run = dry_run
         self.clock = clock
+        self.cpu_clock = cpu_clock  # this thread's CPU time: what watching costs
         self.metrics = Metrics(lambda: self.published)
         self.metrics.configured(config.sha256, config.daemon.scan_interval, refused)
         self.metrics.targets({t.name: self.method_for(t.name) for t in config.targets})
@@ -212,18 +218,13 @@ class Daemon:
         self._dirty |= {pid for pid, p in self.procs.items() if p.due(now)}  # access figures
         if now >= self._next_scan or self._dirty:
             full = now >= self._next_scan
+            cpu0 = self.cpu_clock()
             self.scan_cycle(full=full)
+            cpu = self.cpu_clock() - cpu0
+            self.metrics.watch_cpu.inc(cpu)
+            self.scheduler.charge(cpu, self.clock())
             if full:
-                interval, took = self.config.daemon.scan_interval, self.clock() - now
-                self._next_scan = next_full_scan(now, took, interval)
-                if took > WATCH_SHARE * interval and not self._said_slow:
-                    self._said_slow = True
-                    log.warning(
-                        "a full cycle took %.2f s, more than half of scan_interval (%g s): "
-                        "cycles now come every %.2f s so that collapsing gets the other half "
-                        "(said once; a longer scan_interval avoids it)",
-                        took, interval, self._next_scan - now,
-                    )  # fmt: skip
+                self.next_cycle(now, self.clock() - now, cpu)
             if once:
                 self.drain()
                 return True
@@ -238,6 +239,32 @@ class Daemon:
                 wake.append(ready)
             self.wait(min(WAIT_STEP, max(0.0, min(wake) - now)))
         return False
+
+    def next_cycle(self, started: float, took: float, cpu: float) -> None:
+        """Schedule the next full cycle after one that took `took` seconds and `cpu` of
+        CPU; when that is later than the scan interval, say why (once)."""
+        interval, share = self.config.daemon.scan_interval, self.config.daemon.cpu_share
+        self._next_scan = next_full_scan(started, took, interval, cpu, share)
+        if self._next_scan - started <= interval or self._said_slow:
+            return
+        # The first cycle reads every process (smaps, pidfds, the first access windows);
+        # later ones keep the scans of quiet processes: only a later overrun is a warning.
+        first = self.cycles <= 1
+        self._said_slow = not first
+        why = (
+            f"took {took:.2f} s, more than half of scan_interval ({interval:g} s)"
+            if took / WATCH_SHARE >= cpu / (WATCH_SHARE * share)
+            else f"used {cpu:.2f} s of CPU, more than half of budget.cpu_share ({share:g}) "
+            f"of scan_interval ({interval:g} s)"
+        )
+        log.log(
+            logging.INFO if first else logging.WARNING,
+            "a full cycle (discovery and scans) %s: %s %.2f s so that collapsing gets the "
+            "other half (%s)", why, "the next one comes in" if first else "cycles now come every",
+            self._next_scan - started,
+            "the first reads every process" if first
+            else "said once; a longer scan_interval or fewer targets avoid it",
+        )  # fmt: skip
 
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout`, waking early for process events (which may add targets)."""
@@ -335,11 +362,19 @@ class Daemon:
             if full:
                 self.access.refresh()
         state = self.memory = self.backend.memory_state()
+        looked = []  # scanned, or kept: the plan below is made from their scans
         for pid in pids:
             tracked = self.discovery.tracked.get(pid)
-            if tracked is not None:
-                self.scan_one(tracked, state.max_ptes_none)
+            if tracked is None:
+                continue
+            p = self.procs.get(pid)
+            if full and p is not None and p.keeps(tracked.proc):
+                self.metrics.scans.labels(tracked.target.name, "kept").inc()
+                looked.append(pid)
+            elif self.scan_one(tracked, state.max_ptes_none):
+                looked.append(pid)
         self.scheduler.plan(self.candidates(), self.clock())
+        self.settle(looked)
         self.update_pressure(state)
         if full:
             self.cycles += 1
@@ -355,8 +390,26 @@ class Daemon:
         self.notifier.status(self.status_line())
         self.publish()
 
-    def scan_one(self, tracked: Tracked, max_ptes_none: int) -> None:
-        t0 = time.perf_counter()
+    def settle(self, pids: list[int]) -> None:
+        """Mark the processes just scanned (or kept) for which the plan has nothing to do
+        (none of their work queued, none waiting for access figures or held back by a
+        fork): their next full cycles may keep their scan while they stay unchanged
+        (`Process.keeps`). A kept one the plan found work for again (its backoff over,
+        say) is read at the next cycle."""
+        queued, now = self.scheduler.queued_pids(), self.clock()
+        for pid in pids:
+            p = self.procs.get(pid)
+            if p is None or p.report is None:
+                continue
+            waiting = p.hotness is None and p.report.totals.collapsible_regions > 0
+            p.settled = not (
+                pid in queued or (waiting and self.access is not None) or self.forks.held(pid, now)
+            )
+
+    def scan_one(self, tracked: Tracked, max_ptes_none: int) -> bool:
+        """Scan one process (and measure its access, if due); False when it could not be
+        read (gone or refused: counted, and forgotten)."""
+        t0, cpu0 = time.perf_counter(), self.cpu_clock()
         try:
             vmas, detail = self.vmas_to_scan(tracked.proc)
             rep = scan_process(
@@ -379,13 +432,17 @@ class Daemon:
                 self.gone(tracked.proc.pid)
             else:
                 self.forget(tracked.proc.pid)
-            return
+            return False
         self.metrics.scan_seconds.observe(time.perf_counter() - t0)
         self.metrics.scanned_pages.inc(rep.totals.present_pages)
         self.procs.setdefault(tracked.proc.pid, Process()).scanned(rep)
         self.regressions(tracked, rep)
         if self.access is not None:
             self.measure(tracked, rep)
+        target = tracked.target.name
+        self.metrics.scans.labels(target, "read").inc()
+        self.metrics.scan_cpu.labels(target).inc(self.cpu_clock() - cpu0)
+        return True
 
     def regressions(self, tracked: Tracked, rep: ProcessReport) -> None:
         """Regions seen huge before and collapsible now go first (`Process.urgent`)."""
@@ -436,7 +493,7 @@ class Daemon:
         except (ProcessGone, AccessDenied):
             return
         figures = None if hot is None else by_vma(pairs, hot)
-        if figures:
+        if figures and log.isEnabledFor(logging.DEBUG):  # not for nothing, per scan
             every = np.concatenate(list(figures.values()))
             log.debug("pid %d: access figures for %d region(s), hotness %s",
                       tracked.proc.pid, every.size, _quantiles(every))  # fmt: skip

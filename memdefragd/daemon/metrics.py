@@ -204,6 +204,23 @@ class Metrics:
             "scan_duration_seconds", "Time to scan one process.", SCAN_BUCKETS
         )
         self.scanned_pages = g.counter("scanned_pages", "Present pages scanned.")
+        self.scans = g.counter(
+            "scans",
+            "Process scans by target and result: read (VMAs and pagemap read), or kept (a "
+            "full cycle kept the last scan: nothing to do for it and no fault since).",
+            "target", "result",
+        )  # fmt: skip
+        self.scan_cpu = g.counter(
+            "scan_cpu_seconds",
+            "CPU time the daemon spent scanning each target's processes (VMA listing, "
+            "pagemap, access figures).",
+            "target",
+        )
+        self.watch_cpu = g.counter(
+            "watch_cpu_seconds",
+            "CPU time the daemon spent watching: discovery, matching, scans and planning; "
+            "charged to budget.cpu_share with the kernel's time collapsing.",
+        )
         self.vma_listings = g.counter(
             "vma_listings",
             "VMA listings read for scans, by source: smaps walks every page table of the "
@@ -384,7 +401,8 @@ def _state(s: Snapshot) -> Iterator[Metric]:
         value=s.budget_tokens,
     )  # fmt: skip
     yield GaugeMetricFamily(
-        f"{NS}_budget_cpu_used_ratio", "Kernel time used over the CPU budget's window.",
+        f"{NS}_budget_cpu_used_ratio",
+        "CPU time (collapsing and watching) used over the CPU budget's window.",
         value=s.cpu_used / s.cpu_limit if s.cpu_limit else 0.0,
     )  # fmt: skip
     yield GaugeMetricFamily(

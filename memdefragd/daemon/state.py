@@ -16,6 +16,13 @@ from ..pipeline.scan import ProcessReport, VmaKey
 from ..pipeline.score import thp_coverage
 from ..pipeline.targets import Target
 
+# A full cycle may keep a settled process's last scan (`Process.keeps`) this many cycles
+# in a row, plus its pid modulo as many (so that the re-reads of processes found together
+# spread over cycles): at the default 30 s interval, each is read again within 4-8
+# minutes even when nothing it does shows (the kernel's compaction or khugepaged moving
+# its pages fault nothing).
+KEEP_CYCLES = 8
+
 
 def _no_regions() -> np.ndarray:
     return np.zeros(0, dtype=np.uint64)
@@ -39,10 +46,33 @@ class Process:
     # Regions sent since its last scan: a plan made from that scan must not send them
     # again (its figures predate the work).
     tried: set[int] = field(default_factory=set)
+    # Its stat counters when it was last scanned (`read_as`), whether the plan made from
+    # that scan left it nothing to do (`settled`), and how many full cycles since kept
+    # that scan instead of reading it again (`kept`).
+    read_as: tuple[tuple[int, int, int], int] | None = None
+    settled: bool = False
+    kept: int = 0
 
     def scanned(self, report: ProcessReport) -> None:
         """A fresh scan: what was sent and made huge before it is in its figures now."""
         self.report, self.tried, self.made_huge = report, set(), 0
+        proc = report.proc
+        self.read_as = None if proc.activity is None else (proc.activity, proc.rss)
+        self.settled, self.kept = False, 0
+
+    def keeps(self, proc: ProcessInfo) -> bool:
+        """Whether a full cycle may keep its last scan instead of reading it again: the
+        plan made from that scan left it nothing to do (`settled`), its faults, size and
+        rss are what they were then (no fault: its page tables are as scanned, but for
+        the kernel's own moves), and not too many cycles in a row kept it (KEEP_CYCLES)."""
+        if not self.settled or self.read_as is None or proc.activity is None:
+            return False
+        if self.kept >= KEEP_CYCLES + proc.pid % KEEP_CYCLES:
+            return False
+        if self.read_as != (proc.activity, proc.rss):
+            return False
+        self.kept += 1
+        return True
 
     def sent(self, request: Request, attempted: int) -> None:
         """The regions a request got to (its first `attempted` bytes)."""

@@ -7,6 +7,8 @@ import threading
 import time
 from types import MappingProxyType
 
+import pytest
+
 from memdefragd.config import load_config, parse_config
 from memdefragd.daemon.loop import Daemon
 from memdefragd.model import MemoryState, PfnVisibility, Pressure, ZoneFree
@@ -213,8 +215,52 @@ def test_cycles_slower_than_half_the_interval_stretch_it(caplog):
         now[0] = slow._next_scan
         slow.step()
     assert slow._next_scan == 203.0 + 3.0  # twice 1.5 s after each start
-    warned = [r.getMessage() for r in caplog.records if "full cycle took" in r.getMessage()]
-    assert len(warned) == 1 and "cycles now come every 3.00 s" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "full cycle" in r.getMessage()]
+    assert len(warned) == 1 and "took 1.50 s" in warned[0], warned  # the first: INFO
+    assert "cycles now come every 3.00 s" in warned[0]
+
+
+class CpuHeavyBackend(FlakyBackend):
+    """Each cycle's memory reading burns `cpu` s of a fake CPU clock, no wall time."""
+
+    def __init__(self, cpu: list[float], each: float):
+        super().__init__(failures=0)
+        self.cpu, self.each = cpu, each
+
+    def memory_state(self) -> MemoryState:
+        self.cpu[0] += self.each
+        return super().memory_state()
+
+
+def test_watching_is_charged_to_the_cpu_budget_and_stretches_the_interval(caplog):
+    """A cycle's CPU time counts against budget.cpu_share (with collapsing's), and a
+    cycle that uses more than half of the share of its interval pushes the next one
+    out: 0.2 s of CPU at cpu_share 0.1 allows a cycle every 4 s, not every 1 s."""
+    now, cpu = [100.0], [0.0]
+    cfg = parse_config(
+        "daemon: {scan_interval: 1s, budget: {cpu_share: 0.1}}\ntargets:\n  - name: t\n"
+    )
+    d = Daemon(cfg, backend=CpuHeavyBackend(cpu, 0.2), notifier=Sink(), events=False,
+               clock=lambda: now[0], cpu_clock=lambda: cpu[0])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="memdefragd"):
+        d.step()
+        assert d._next_scan == 100.0 + 0.2 / (0.5 * 0.1)
+        assert d.scheduler.snapshot(now[0]).cpu_used == pytest.approx(0.2)
+        spent = d.metrics.registry.get_sample_value("memdefragd_watch_cpu_seconds_total")
+        assert spent == pytest.approx(0.2)
+        for _ in range(2):
+            now[0] = d._next_scan
+            d.step()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "full cycle" in r.getMessage()]
+    # The first cycle reads every process: said at INFO; the next overrun is a warning,
+    # said once.
+    assert [level for level, _ in said] == ["INFO", "WARNING"], said
+    assert "used 0.20 s of CPU" in said[0][1] and "the next one comes in 4.00 s" in said[0][1]
+    assert "cycles now come every 4.00 s" in said[1][1]
+    light = Daemon(cfg, backend=CpuHeavyBackend(cpu, 0.01), notifier=Sink(), events=False,
+                   clock=lambda: now[0], cpu_clock=lambda: cpu[0])  # fmt: skip
+    light.step()
+    assert light._next_scan == now[0] + 1.0  # 0.01 s of CPU: the interval holds
 
 
 def test_a_fork_child_found_gone_by_a_scan_rescans_its_parent(caplog):

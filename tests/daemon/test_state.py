@@ -93,3 +93,33 @@ def test_with_known_flags_takes_smaps_flags_while_maps_lists_the_same_vmas():
     grown = Vma(0x200000, 0x800000, "rw-p", 0, "00:00", 0, "")  # the heap grew: new bounds
     assert with_known_flags([grown, maps[1]], known) is None
     assert with_known_flags([], known) == []
+
+
+def test_a_settled_unchanged_process_keeps_its_scan_for_a_bounded_number_of_cycles():
+    """A full cycle may skip reading a process the plan left nothing to do for, while its
+    faults, size and rss stay as they were at its scan; never one without such counts
+    (the simulator), and never more than KEEP_CYCLES + pid % KEEP_CYCLES cycles in a row
+    (the kernel moves pages without a fault)."""
+    from memdefragd.daemon.state import KEEP_CYCLES
+
+    pid = 13
+    info = ProcessInfo(pid, "app", (), "/app", 0, "/", 1, 4096, activity=(100, 0, 1 << 30))
+    rep = replace(report(pid), proc=info)
+    p = Process()
+    p.scanned(rep)
+    assert not p.keeps(info)  # not settled: the plan has not said it has nothing to do
+    p.settled = True
+    limit = KEEP_CYCLES + pid % KEEP_CYCLES
+    assert [p.keeps(info) for _ in range(limit + 1)] == [True] * limit + [False]
+    p.scanned(rep)  # read again: the count starts over, and settling is asked again
+    assert (p.kept, p.settled) == (0, False)
+    p.settled = True
+    assert p.keeps(info)
+    assert not p.keeps(replace(info, activity=(101, 0, 1 << 30)))  # a minor fault
+    assert not p.keeps(replace(info, activity=(100, 1, 1 << 30)))  # a major fault
+    assert not p.keeps(replace(info, activity=(100, 0, 2 << 30)))  # it mapped more
+    assert not p.keeps(replace(info, rss=8192))  # it gained or lost pages, no fault
+    unknown = replace(info, activity=None)
+    p.scanned(replace(rep, proc=unknown))
+    p.settled = True
+    assert not p.keeps(unknown)

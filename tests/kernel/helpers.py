@@ -80,6 +80,10 @@ class Child:
             raise ValueError("verify() needs a child started with pattern=True")
         return answer(self.popen, timeout, "verify")
 
+    def unmap(self, timeout: float = 120.0) -> None:
+        """Ask the child to MADV_DONTNEED its first page (its rss changes, no fault)."""
+        assert answer(self.popen, timeout, "unmap") == {"ok": True}
+
     def fork(self, timeout: float = 120.0) -> int:
         """Ask a pattern=True, forkable=True child to fork a writer child and reap it: the
         pid of that (now gone) child."""

@@ -342,16 +342,18 @@ def test_without_capabilities_the_log_names_each_missing_one(spawn, daemons, tmp
 
 
 @pytest.mark.needs_collapse
-def test_scans_walk_smaps_only_when_the_vmas_change_where_pagemap_scan_skips(
+def test_scans_walk_smaps_only_when_the_vmas_change_and_keep_quiet_processes(
     spawn, daemons, tmp_path, backend
 ):
     """Without access sampling (which reads smaps' Referenced), a scan reads maps and
     takes VmFlags from the last smaps listing while the VMAs stay the same: smaps walks
     the target's page tables; where the kernel lacks PAGEMAP_SCAN, smaps is read each time
-    (it says which VMAs hold nothing, which the fallback cannot skip cheaply)."""
+    (it says which VMAs hold nothing, which the fallback cannot skip cheaply). Once all
+    is huge and the child neither faults nor shrinks, full cycles keep its last scan
+    instead of reading it again; each change of its rss (a page unmapped) is read."""
     from .test_metrics_names import scrape
 
-    child = spawn(32 * MiB, comm="mdd-cheap-scan")
+    child = spawn(32 * MiB, comm="mdd-cheap-scan", pattern=True)
     cfg = write_config(tmp_path / "m.yaml", "mdd-cheap-scan", listen="127.0.0.1:0",
                        extra="  access: {source: off}")  # fmt: skip
     d = daemons(cfg)
@@ -360,11 +362,33 @@ def test_scans_walk_smaps_only_when_the_vmas_change_where_pagemap_scan_skips(
     while anon_huge(child.pid, child.addr) < child.size and time.monotonic() < end:
         time.sleep(0.2)
     assert anon_huge(child.pid, child.addr) == child.size, d.text()[-3000:]
-    d.wait_for("scanned 1 process", timeout=30)
-    time.sleep(3)  # a few more 1 s cycles
-    text, samples = scrape(port)
-    smaps = samples.get(("memdefragd_vma_listings_total", (("source", "smaps"),)), 0)
-    maps = samples.get(("memdefragd_vma_listings_total", (("source", "maps"),)), 0)
+
+    def count(name: str, **labels: str) -> float:
+        return scrape(port)[1].get((name, tuple(sorted(labels.items()))), 0)
+
+    def scans(result: str) -> float:
+        return count("memdefragd_scans_total", target="testee", result=result)
+
+    end = time.monotonic() + 30
+    while scans("kept") < 3 and time.monotonic() < end:  # 1 s cycles
+        time.sleep(0.5)
+    assert scans("kept") >= 3, d.text()[-3000:]
+    # While kept, nothing reads it: the count of reads stands still over 3 cycles.
+    read = scans("read")
+    time.sleep(3)
+    assert scans("read") == read, d.text()[-3000:]
+    for _ in range(3):  # each unmapped page: a read (maps: the VMAs are the same)
+        before = scans("read")
+        child.unmap()
+        end = time.monotonic() + 30
+        while scans("read") == before and time.monotonic() < end:
+            time.sleep(0.2)
+        assert scans("read") > before, d.text()[-3000:]
+    assert child.verify()["bad"] == []
+    text, _ = scrape(port)
+    smaps = count("memdefragd_vma_listings_total", source="smaps")
+    maps = count("memdefragd_vma_listings_total", source="maps")
+    assert count("memdefragd_scan_cpu_seconds_total", target="testee") > 0, text
     if backend.sparse_scan:
         # the first scan, and one more per change of the VMA list (the Python child may
         # map a little as it runs): far fewer than scans

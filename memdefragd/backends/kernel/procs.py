@@ -85,6 +85,7 @@ class ProcDir:
             cgroup=_cgroup(self),
             start_time=int(stat["start_time"]),
             rss=int(stat["rss_pages"]) * PAGE_SIZE,
+            activity=(int(stat["minflt"]), int(stat["majflt"]), int(stat["vsize"])),
         )
 
     def check_identity(self, proc: ProcessInfo, *, alive: bool = False) -> str:

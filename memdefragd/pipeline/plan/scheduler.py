@@ -12,9 +12,10 @@ The policy, and where each part comes from:
   first, across processes; unlike khugepaged (mm/khugepaged.c), which is plain round robin.
 - **Budgets** like DAMOS quotas (the kernel's Documentation/mm/damon/design.rst) and
   khugepaged's pages_to_scan: a bytes-per-second token bucket with a burst of one chunk,
-  and a cap on the share of one core spent in the kernel over a sliding window. Bytes
-  bound memory bandwidth and allocations; CPU time catches the expensive case bytes cannot
-  see (direct compaction or reclaim inside the huge page allocation).
+  and a cap on the share of one core spent over a sliding window, in the kernel collapsing
+  and in the daemon's own watching (`charge`). Bytes bound memory bandwidth and
+  allocations; CPU time catches the expensive case bytes cannot see (direct compaction or
+  reclaim inside the huge page allocation), and a heavy scan cycle.
 - **Pacing** per latency-sensitive target (`pacing.py`): one 2 MiB region per request and
   a rest after each, proportional to the call's measured duration, so that the target
   spends at most its duty cycle with a collapse in progress. The budgets still apply.
@@ -134,8 +135,9 @@ class SchedulerSettings:
       64 GiB heap is converted in about four minutes.
     - cpu_share = 0.1 of one core over cpu_window = 10 s: a collapse normally costs well
       under a millisecond, so the byte budget binds first; this cap is what stops us when
-      the kernel has to compact or reclaim for every huge page. 10 s matches PSI's avg10
-      and khugepaged's scan_sleep_millisecs.
+      the kernel has to compact or reclaim for every huge page, or when watching (a scan
+      cycle's CPU time is charged too) grows heavy. 10 s matches PSI's avg10 and
+      khugepaged's scan_sleep_millisecs.
     - chunk_bytes = 64 MiB (at most 64 MiB, a multiple of 2 MiB): 32 regions per
       process_madvise call amortise the syscall and pidfd work, yet one call takes only
       milliseconds, so pauses, signals and budgets take effect between chunks. Latency-
@@ -225,7 +227,7 @@ class SchedulerSettings:
 
     @property
     def cpu_limit(self) -> float:
-        """Seconds of kernel time allowed per cpu_window."""
+        """Seconds of CPU time (collapsing and watching) allowed per cpu_window."""
         return self.cpu_share * self.cpu_window
 
 
@@ -517,7 +519,8 @@ class _TokenBucket:
 
 
 class _CpuWindow:
-    """Kernel time per sliding window; admits work while the window's total is below limit.
+    """CPU time per sliding window (the kernel's, collapsing, and the daemon's own,
+    watching); admits work while the window's total is below limit.
 
     Each outcome counts, whole, until `window` seconds after it was recorded. One request can
     overshoot the limit by its own duration, which the chunk size bounds.
@@ -806,6 +809,12 @@ class Scheduler:
             self._ineligible.setdefault(key, set()).update(outcome.ineligible)
         self._react(outcome, now)
 
+    def charge(self, seconds: float, now: float) -> None:
+        """CPU the daemon spent watching (discovery, scans, access figures): it counts
+        against the same CPU budget as the kernel's time collapsing, so that a heavy
+        cycle leaves less for collapses until it leaves the window."""
+        self._cpu.add(now, seconds)
+
     def rest(self, target: str) -> float | None:
         """The rest pacing imposed after `target`'s last request (0 before any); None when
         the target is not paced."""
@@ -868,6 +877,10 @@ class Scheduler:
         return "; ".join(dict.fromkeys(r for r in (self._manual, self._pressure) if r)) or None
 
     # ---------------------------------------------------------------- state
+
+    def queued_pids(self) -> set[int]:
+        """The processes with work in the queue."""
+        return {e[2] for e in self._queue}
 
     @property
     def queue_length(self) -> int:

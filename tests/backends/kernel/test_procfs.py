@@ -434,7 +434,10 @@ def test_parse_stat_recorded_python() -> None:
         "state": "R",
         "ppid": 4401,
         "flags": 4194304,
+        "minflt": 3553,
+        "majflt": 0,
         "start_time": 92943,
+        "vsize": 36581376,
         "rss_pages": 5131,
     }
 
