@@ -558,6 +558,8 @@ class Daemon:
             if outcome.bytes_done
             else Verified()
         )
+        if outcome.touched:  # the backend's own ranges: count each region once
+            done = proc.first_verified(done)
         self.scheduler.record(outcome, self.clock())
         self.metrics.record(outcome, done.bytes)
         self.outcomes.append((outcome, done.bytes))

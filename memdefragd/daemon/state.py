@@ -12,9 +12,10 @@ from ..model import PMD_SIZE, ProcessInfo, Request, Vma
 from ..pipeline.plan.access import Windows
 from ..pipeline.plan.candidates import scan_candidates
 from ..pipeline.plan.scheduler import Candidate
-from ..pipeline.scan import ProcessReport, VmaKey
+from ..pipeline.scan import ProcessReport, VmaKey, huge_and_collapsible
 from ..pipeline.score import thp_coverage
 from ..pipeline.targets import Target
+from ..pipeline.verify import Verified
 
 # A full cycle may keep a settled process's last scan (`Process.keeps`) this many cycles
 # in a row, plus its pid modulo as many (so that the re-reads of processes found together
@@ -49,6 +50,8 @@ class Process:
     # Its stat counters when it was last scanned (`read_as`), whether the plan made from
     # that scan left it nothing to do (`settled`), and how many full cycles since kept
     # that scan instead of reading it again (`kept`).
+    # Regions verified since its last scan that were collapsible in it (`first_verified`).
+    booked: np.ndarray = field(default_factory=_no_regions)
     read_as: tuple[tuple[int, int, int], int] | None = None
     settled: bool = False
     kept: int = 0
@@ -56,6 +59,7 @@ class Process:
     def scanned(self, report: ProcessReport) -> None:
         """A fresh scan: what was sent and made huge before it is in its figures now."""
         self.report, self.tried, self.made_huge = report, set(), 0
+        self.booked = _no_regions()
         proc = report.proc
         self.read_as = None if proc.activity is None else (proc.activity, proc.rss)
         self.settled, self.kept = False, 0
@@ -78,6 +82,18 @@ class Process:
         """The regions a request got to (its first `attempted` bytes)."""
         regions = [a for lo, hi in request.ranges for a in range(lo, hi, PMD_SIZE)]
         self.tried.update(regions[: attempted // PMD_SIZE])
+
+    def first_verified(self, done: Verified) -> Verified:
+        """Of what a verification of the backend's own ranges found (Translation Ranger's
+        pass walks whole chunks, around the regions asked for), only the regions that
+        were collapsible at the last scan and are not booked yet: each is counted once,
+        not again at each pass that walks it."""
+        if self.report is None:
+            return Verified()
+        _, collapsible = huge_and_collapsible(self.report)
+        new = done.huge[np.isin(done.huge, collapsible) & ~np.isin(done.huge, self.booked)]
+        self.booked = np.concatenate([self.booked, new])
+        return Verified(int(new.size) * PMD_SIZE, new)
 
     def made(self, huge: np.ndarray) -> int | None:
         """Book regions verified huge; how many urgent ones that mended (None when there

@@ -123,3 +123,32 @@ def test_a_settled_unchanged_process_keeps_its_scan_for_a_bounded_number_of_cycl
     p.scanned(replace(rep, proc=unknown))
     p.settled = True
     assert not p.keeps(unknown)
+
+
+def test_regions_verified_over_the_backends_own_ranges_count_once():
+    """Translation Ranger's pass walks whole chunks: its verification finds regions that
+    were fine before it, and regions an earlier pass made and that were counted then.
+    Only regions collapsible at the scan count, each once, until the next scan."""
+    from memdefragd.pipeline.verify import Verified
+
+    m = Machine(4096)
+    sim = m.add_process("app")
+    vma = m.mmap(sim.pid, 3 * PMD_PAGES)
+    # Regions 0 and 1 scattered (every other frame: collapsible); region 2 huge already.
+    m.fault_at(sim.pid, np.arange(vma.start_vpn, vma.start_vpn + 2 * PMD_PAGES),
+               np.arange(512, 1536) * 2)  # fmt: skip
+    m.fault(sim.pid, vma.start_vpn + 2 * PMD_PAGES, vma.end_vpn, thp=True)
+    backend = SimBackend(m)
+    base = vma.start_vpn * PAGE_SIZE
+    regions = np.array([base, base + PMD_SIZE, base + 2 * PMD_SIZE], dtype=np.uint64)
+    p = Process()
+    none = p.first_verified(Verified(3 * PMD_SIZE, regions))
+    assert none.bytes == 0 and none.huge.size == 0  # no scan yet: nothing to compare
+    p.scanned(scan_process(backend, backend.process(sim.pid), collect=True))
+    first = p.first_verified(Verified(2 * PMD_SIZE, regions[[0, 2]]))
+    assert first.bytes == PMD_SIZE and first.huge.tolist() == [base]  # 2 was huge at the scan
+    again = p.first_verified(Verified(3 * PMD_SIZE, regions))  # the next pass, same chunk
+    assert again.bytes == PMD_SIZE and again.huge.tolist() == [base + PMD_SIZE]
+    assert p.first_verified(Verified(3 * PMD_SIZE, regions)).bytes == 0
+    p.scanned(scan_process(backend, backend.process(sim.pid), collect=True))
+    assert p.booked.size == 0  # a new scan: its own collapsible regions count
