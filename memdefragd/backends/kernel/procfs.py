@@ -7,6 +7,7 @@ kernels that lack a field (older smaps has no THPeligible, no Pss_Dirty...).
 from __future__ import annotations
 
 import re
+import sys
 from types import MappingProxyType
 
 from ...model import Pressure, Vma, ZoneFree
@@ -74,7 +75,7 @@ def parse_smaps(text: str) -> list[Vma]:
             continue  # a field we do not use and cannot read as a number
         if len(parts) > 1 and parts[1] == "kB":
             number *= 1024
-        fields[key] = number
+        fields[sys.intern(key)] = number  # one string per name, not one per VMA kept
     flush()
     return vmas
 
