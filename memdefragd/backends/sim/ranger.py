@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...model import PAGE_SHIFT, PAGE_SIZE, PMD_PAGES, ProcessGone
-from .machine import NONLRU, UNMOVABLE, Machine, SimProcess, SimVma
+from .machine import MT_UNMOVABLE, NONLRU, UNMOVABLE, Machine, SimProcess, SimVma
 from .ranger_engine import PUD_PAGES, RANGER_FAILURES, Placer, Tally
 from .ranger_plan import Planner, RangeTree
 
@@ -51,6 +51,12 @@ class Knobs:
 
     defrag_size_threshold: int = 5  # skip VMAs smaller than this many 2 MiB units
     promote: bool = True  # mem_defrag_promote_thp = 12: promote clean 2 MiB chunks
+    # Bytes of the call's log buffer. The kernel vzalloc()s a bounce buffer of the
+    # caller's buf_len at the start of every call of action 3 given one (memdefragd's
+    # driver gives 16 MiB) and frees it on return: order-0 unmovable pages, taken where
+    # the buddy allocator takes them, which can be inside the anchor's window (measured
+    # on its kernel: 3,532 of the 4,096 pages of a free window's start, each a hard stop).
+    log_buffer: int = 0
 
 
 @dataclass(slots=True)
@@ -157,6 +163,48 @@ def defrag(
     tally = Tally()
     result = RangerResult()
     copied = machine.stats.bytes_copied
+    buffer = _log_buffer(machine, knobs.log_buffer)
+    try:
+        _vmas(machine, proc, vma_start_vpn, spans, improved, quirks, st, tally, knobs, result)
+    finally:
+        if buffer.size:
+            machine.free(buffer)
+    result.pages_migrated = tally.migrated
+    result.pages_exchanged = tally.exchanged
+    result.promoted = tally.promoted
+    result.aligned = tally.aligned
+    result.chunks = tally.chunks
+    result.hard_stops = tally.hard_stops
+    result.thp_moved = tally.thp_moved
+    result.thp_split = tally.thp_split
+    result.failures = {k: tally.failures[k] for k in RANGER_FAILURES if tally.failures[k]}
+    result.bytes_copied = machine.stats.bytes_copied - copied
+    return result
+
+
+def _log_buffer(m: Machine, size: int) -> np.ndarray:
+    """The kernel's vzalloc(buf_len) for the call: order-0 unmovable frames as the buddy
+    hands them out (own pageblocks first, then stolen from the largest free blocks)."""
+    pages = -(-size // PAGE_SIZE)
+    if pages <= 0:
+        return np.zeros(0, dtype=np.int64)
+    pfns = m.take(pages, 0, MT_UNMOVABLE)
+    m.alloc_at(pfns, UNMOVABLE)
+    return pfns
+
+
+def _vmas(
+    machine: Machine,
+    proc: SimProcess,
+    vma_start_vpn: int | None,
+    spans: Sequence[tuple[int, int]] | None,
+    improved: bool,
+    quirks: frozenset[str],
+    st: RangerState,
+    tally: Tally,
+    knobs: Knobs,
+    result: RangerResult,
+) -> None:
     for vma in list(proc.vmas):
         if vma_start_vpn is not None and vma.start_vpn != vma_start_vpn:
             continue
@@ -170,17 +218,6 @@ def defrag(
         else:
             done = _faithful_vma(machine, proc, vma, todo, st, quirks, tally, knobs, result)
         result.vmas += done
-    result.pages_migrated = tally.migrated
-    result.pages_exchanged = tally.exchanged
-    result.promoted = tally.promoted
-    result.aligned = tally.aligned
-    result.chunks = tally.chunks
-    result.hard_stops = tally.hard_stops
-    result.thp_moved = tally.thp_moved
-    result.thp_split = tally.thp_split
-    result.failures = {k: tally.failures[k] for k in RANGER_FAILURES if tally.failures[k]}
-    result.bytes_copied = machine.stats.bytes_copied - copied
-    return result
 
 
 def _eligible(vma: SimVma, knobs: Knobs) -> bool:
