@@ -509,7 +509,7 @@ class Daemon:
         now = self.clock()
         for pid, p in self.procs.items():
             tracked = self.discovery.tracked.get(pid)
-            if tracked is None or self.forks.held(pid, now):
+            if tracked is None or self.forks.held(pid, now) or p.resting(now):
                 continue
             target = replace(tracked.target, mode="observe") if self.dry_run else tracked.target
             out += p.candidates(target, tracked.proc, measuring=self.access is not None)
@@ -560,6 +560,15 @@ class Daemon:
         )
         if outcome.touched:  # the backend's own ranges: count each region once
             done = proc.first_verified(done)
+        if method == "ranger":
+            d = self.config.daemon
+            idle = proc.after_pass(done.bytes, self.clock(), d.backoff_initial, d.backoff_max)
+            if idle:
+                log.info(
+                    "ranger pid %d (%s): the pass made nothing contiguous that was not "
+                    "before; no pass for it for %.0f s (doubling while that repeats)",
+                    req.pid, req.target, idle,
+                )  # fmt: skip
         self.scheduler.record(outcome, self.clock())
         self.metrics.record(outcome, done.bytes)
         self.outcomes.append((outcome, done.bytes))

@@ -52,6 +52,10 @@ class Process:
     # that scan instead of reading it again (`kept`).
     # Regions verified since its last scan that were collapsible in it (`first_verified`).
     booked: np.ndarray = field(default_factory=_no_regions)
+    # Translation Ranger: a pass that made nothing new contiguous (a window held by what
+    # its kernel cannot move, a VMA it skips) rests the process (`after_pass`).
+    rest_until: float = float("-inf")
+    futile: int = 0  # such passes in a row
     read_as: tuple[tuple[int, int, int], int] | None = None
     settled: bool = False
     kept: int = 0
@@ -94,6 +98,23 @@ class Process:
         new = done.huge[np.isin(done.huge, collapsible) & ~np.isin(done.huge, self.booked)]
         self.booked = np.concatenate([self.booked, new])
         return Verified(int(new.size) * PMD_SIZE, new)
+
+    def after_pass(self, verified: int, now: float, initial: float, maximum: float) -> float:
+        """Book a Translation Ranger pass: one that verified nothing new rests the
+        process, `initial` seconds doubling up to `maximum` with each such pass in a row,
+        since every pass walks the whole process, and the same pass would do the same
+        (each cost 0.8 s of kernel time on its kernel, and starved the other targets);
+        one that verified something ends the rest. The rest (0: none)."""
+        if verified:
+            self.futile, self.rest_until = 0, float("-inf")
+            return 0.0
+        rest = min(maximum, initial * 2.0**self.futile)
+        self.futile += 1
+        self.rest_until = now + rest
+        return rest
+
+    def resting(self, now: float) -> bool:
+        return now < self.rest_until
 
     def made(self, huge: np.ndarray) -> int | None:
         """Book regions verified huge; how many urgent ones that mended (None when there

@@ -152,3 +152,19 @@ def test_regions_verified_over_the_backends_own_ranges_count_once():
     assert p.first_verified(Verified(3 * PMD_SIZE, regions)).bytes == 0
     p.scanned(scan_process(backend, backend.process(sim.pid), collect=True))
     assert p.booked.size == 0  # a new scan: its own collapsible regions count
+
+
+def test_a_ranger_pass_that_verified_nothing_new_rests_the_process_doubling():
+    """Each Translation Ranger pass walks the whole process: one that made nothing new
+    contiguous would do the same again (a window its kernel cannot clear, a VMA it
+    skips), so the process rests, 5 s doubling up to the cap; a fruitful pass ends it."""
+    p = Process()
+    assert not p.resting(0.0)
+    assert p.after_pass(0, 100.0, 5.0, 12.0) == 5.0
+    assert p.resting(104.9) and not p.resting(105.0)
+    assert p.after_pass(0, 105.0, 5.0, 12.0) == 10.0
+    assert p.after_pass(0, 115.0, 5.0, 12.0) == 12.0  # capped
+    assert p.resting(126.9)
+    assert p.after_pass(PMD_SIZE, 127.0, 5.0, 12.0) == 0.0
+    assert not p.resting(127.0) and p.futile == 0
+    assert p.after_pass(0, 130.0, 5.0, 12.0) == 5.0  # the doubling starts over
