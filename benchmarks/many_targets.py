@@ -9,14 +9,19 @@ DIR holds an older `memdefragd/` package, e.g. the tree before the watch budget:
     mkdir /tmp/mdd-base && git -C /work/main archive ece5213 | tar -x -C /tmp/mdd-base
 
 Per --counts N, N small long-lived children (a C program compiled here: one anonymous
-mapping of --mib MiB written once, then pause() for ever, its comm set so that only the
-config's target matches it) and, per tree, `memdefragd run` on a config naming that comm
-at scan_interval --interval (30s, the default) with everything else at its default:
+2 MiB-aligned mapping of --mib MiB written once, then pause() for ever, its comm set so
+that only the config's target matches it; with --pages huge, the default, the mapping is
+given MADV_HUGEPAGE first, so it is born huge and there is nothing to collapse: the
+figures are watching alone; with --pages small it holds 4 KiB pages, which the daemon
+collapses, paced, and collapsing counts in the figures too) and, per tree, `memdefragd
+run` on a config naming that comm at scan_interval --interval (30s, the default) with
+everything else at its default:
 access source auto (DAMON where usable, else clear_refs + smaps Referenced), budgets,
 pacing. The daemon's first --warmup seconds (discovery, the first scans and access
 windows, whatever it collapses) are not measured; then over --seconds:
 
-  - its CPU share (utime + stime from /proc/PID/stat over the window, of one core);
+  - its CPU share (utime + stime from /proc/PID/stat over the window, of one core), and
+    the collapse requests it logged in the window;
   - its RSS at the end (VmRSS) and its peak (VmHWM, the warm-up included);
   - full cycles ("scanned N process(es)" lines with N >= the children), the longest gap
     between two of them against the interval, and whether it said a cycle was stretched;
@@ -62,12 +67,14 @@ SOURCE = r"""
 #include <sys/prctl.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
-    size_t size = (size_t)atol(argv[1]) << 20;
+    size_t size = (size_t)atol(argv[1]) << 20, pmd = 2 << 20;
     prctl(PR_SET_NAME, argv[2]);
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() == 1) return 1;
-    char *p = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *p = mmap(0, size + pmd, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return 1;
+    p = (char *)(((unsigned long)p + pmd - 1) & ~(pmd - 1));
+    if (argv[3][0] == 'h' && madvise(p, size, MADV_HUGEPAGE)) return 1;
     memset(p, 0x5a, size);
     for (;;) pause();
 }
@@ -86,9 +93,10 @@ def build(workdir: Path) -> Path:
 class Children:
     """N small children; killed (and reaped) on close."""
 
-    def __init__(self, exe: Path, n: int, mib: int):
+    def __init__(self, exe: Path, n: int, mib: int, pages: str):
         self.procs = [
-            subprocess.Popen([str(exe), str(mib), COMM], stdin=subprocess.DEVNULL) for _ in range(n)
+            subprocess.Popen([str(exe), str(mib), COMM, pages], stdin=subprocess.DEVNULL)
+            for _ in range(n)
         ]
         watch_cost._cleanups.append(self.close)
 
@@ -117,6 +125,7 @@ class Result:
     kept: float | None = None
     watch_cpu: float | None = None
     ms_per_scan: float | None = None
+    requests: int = 0  # collapse requests in the window
     warnings: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -155,6 +164,7 @@ def one_run(tree: Tree, n: int, args, tmp: Path) -> Result:
     text = "\n".join(line for _, line in d.lines)
     res.stretched = "a full cycle" in text and "cycles now come every" in text
     res.warnings = [line for _, line in d.lines if re.search(r" (WARNING|ERROR|CRITICAL) ", line)]
+    res.requests = sum(" collapse pid " in line for _, line in window)
     scans = metric(scraped, "memdefragd_scans_total")
     if scans:
         res.read = sum(v for k, v in scans.items() if 'result="read"' in k)
@@ -185,10 +195,10 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def print_results(results: list[Result], args, interval: float) -> None:
     print()
-    print(f"== {args.mib} MiB children, scan_interval {args.interval}, window {args.seconds:.0f} s "
-          f"after {args.warmup:.0f} s of warm-up ==")  # fmt: skip
+    print(f"== {args.mib} MiB children ({args.pages} pages), scan_interval {args.interval}, "
+          f"window {args.seconds:.0f} s after {args.warmup:.0f} s of warm-up ==")  # fmt: skip
     head = ("targets", "tree", "CPU share", "RSS", "peak RSS", "cycles", "longest gap",
-            "stretched", "scans read", "kept", "watch CPU s", "ms/scan")  # fmt: skip
+            "stretched", "scans read", "kept", "watch CPU s", "ms/scan", "requests")  # fmt: skip
     rows = [head]
     for r in results:
         if r.error:
@@ -197,7 +207,7 @@ def print_results(results: list[Result], args, interval: float) -> None:
         rows.append((
             str(r.n), r.tree, pct(r.share), mib(r.rss), mib(r.hwm), str(r.cycles),
             num(r.longest_gap, "{:.1f} s"), "yes" if r.stretched else "no", num(r.read),
-            num(r.kept), num(r.watch_cpu, "{:.2f}"), num(r.ms_per_scan, "{:.2f}"),
+            num(r.kept), num(r.watch_cpu, "{:.2f}"), num(r.ms_per_scan, "{:.2f}"), str(r.requests),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(head))]
     for row in rows:
@@ -240,6 +250,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="1000,20", help="numbers of children, one run each")
     ap.add_argument("--mib", type=int, default=4, help="each child's mapping")
+    ap.add_argument(
+        "--pages", choices=("huge", "small"), default="huge",
+        help="huge: each mapping born huge (MADV_HUGEPAGE), nothing to collapse, so the "
+        "figures are watching alone; small: 4 KiB pages, collapsing included",
+    )  # fmt: skip
     ap.add_argument("--interval", default="30s", help="the daemon's scan_interval")
     ap.add_argument("--warmup", type=float, default=90.0, help="unmeasured seconds first")
     ap.add_argument("--seconds", type=float, default=300.0, help="the measured window")
@@ -259,7 +274,7 @@ def main() -> int:
             exe = build(tmp)
             for n in [int(x) for x in args.counts.split(",")]:
                 progress(f"starting {n} children of {args.mib} MiB")
-                kids = Children(exe, n, args.mib)
+                kids = Children(exe, n, args.mib, args.pages)
                 time.sleep(2 + n / 500)
                 for tree in trees:
                     progress(f"{tree.label}: {n} targets, {args.warmup:.0f} + {args.seconds:.0f} s")
