@@ -47,15 +47,15 @@ class Process:
     # Regions sent since its last scan: a plan made from that scan must not send them
     # again (its figures predate the work).
     tried: set[int] = field(default_factory=set)
-    # Its stat counters when it was last scanned (`read_as`), whether the plan made from
-    # that scan left it nothing to do (`settled`), and how many full cycles since kept
-    # that scan instead of reading it again (`kept`).
     # Regions verified since its last scan that were collapsible in it (`first_verified`).
     booked: np.ndarray = field(default_factory=_no_regions)
     # Translation Ranger: a pass that made nothing new contiguous (a window held by what
     # its kernel cannot move, a VMA it skips) rests the process (`after_pass`).
     rest_until: float = float("-inf")
     futile: int = 0  # such passes in a row
+    # Its stat counters when it was last scanned (`read_as`), whether the plan made from
+    # that scan left it nothing to do (`settled`), and how many full cycles since kept
+    # that scan instead of reading it again (`kept`).
     read_as: tuple[tuple[int, int, int], int] | None = None
     settled: bool = False
     kept: int = 0

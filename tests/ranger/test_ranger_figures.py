@@ -15,9 +15,10 @@ The RFC anchors a process's first VMA at the start of a zone whatever other proc
 did (get_undefragged_area looks at one mm only): processes whose lowest page lies in the
 same zone share one window, and each pass takes that window from the one before (by
 exchange). The daemon then finds the process before fragmented again and goes back to
-it: the passes never end (the test stops them at MAX_PASSES), each logged as verified,
-and a process ranked below the fighting ones may never get a pass. The table says which
-process held each window at the end, the order of the passes and the pages exchanged.
+it: the passes never end (the test stops them at MAX_PASSES). Before a pass that made
+nothing new contiguous rested its process, one process took 29 of 30 passes and others
+never had one; every process must now have had a pass. The table says which process held
+each window at the end, the order of the passes and the pages exchanged.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _run(hog, kids, m0, daemons, tmp_path, record_property) -> None:
     assert "Traceback" not in text
     assert tb["runs"] >= 0.9 * (N * SIZE >> PAGE_SHIFT)  # scattered: about a run per page
     # the daemon's passes: the last one's process holds its window, mended, after
-    assert order, text[-4000:]
+    assert set(order) == set(pids), (order, text[-4000:])  # nobody starved
     assert fa[order[-1]]["coverage@128"] >= 0.5, table
     assert ta["coverage@128"] >= max(0.2, 10 * tb["coverage@128"]), table
     assert mig + exc > 0
