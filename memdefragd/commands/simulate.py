@@ -22,7 +22,7 @@ from ..backends.sim import baselines
 from ..backends.sim.aging import BIG_MACHINE, Scenario, age
 from ..backends.sim.backend import SimBackend
 from ..backends.sim.machine import Machine
-from ..backends.sim.ranger import defrag
+from ..backends.sim.ranger import ISCA_KERNEL, RFC04_KERNEL, Knobs, defrag
 from ..backends.sim.seed import Seeding, seed
 from ..model import PAGE_SIZE, Method
 from ..pipeline.scan import scan_process
@@ -106,8 +106,11 @@ def measure(machine: Machine) -> Figures:
     )
 
 
-def apply(machine: Machine, method: str, progress: Progress | None = None) -> Work:
-    """Run `method` once over the whole machine (every process, every zone)."""
+def apply(
+    machine: Machine, method: str, progress: Progress | None = None, *, knobs: Knobs = ISCA_KERNEL
+) -> Work:
+    """Run `method` once over the whole machine (every process, every zone); `knobs` are
+    the ranger methods' (its kernel's sysctls and THP rules)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     say = progress or (lambda fraction, stage: None)
@@ -128,7 +131,7 @@ def apply(machine: Machine, method: str, progress: Progress | None = None) -> Wo
                         failures, baselines.collapse(machine, pid, v.start_vpn, v.end_vpn).failures
                     )
             else:
-                res = defrag(machine, pid, improved=method == "ranger-improved")
+                res = defrag(machine, pid, improved=method == "ranger-improved", knobs=knobs)
                 _merge(failures, res.failures)
             done += proc.rss_pages
     seconds = time.perf_counter() - t0
@@ -158,6 +161,7 @@ def simulate(
     *,
     progress: Progress | None = None,
     keep: Callable[[str, Machine], None] | None = None,
+    knobs: Knobs = ISCA_KERNEL,
 ) -> SimResult:
     """Age a machine by `scenario`, measure, apply `method`, measure again. `keep(when,
     machine)` sees the machine before and after (for the picture)."""
@@ -168,7 +172,7 @@ def simulate(
     before = measure(machine)
     if keep is not None:
         keep("before", machine)
-    work = apply(machine, method, lambda f, stage: say(0.5 + 0.5 * f, stage))
+    work = apply(machine, method, lambda f, stage: say(0.5 + 0.5 * f, stage), knobs=knobs)
     after = measure(machine)
     if keep is not None:
         keep("after", machine)
@@ -188,7 +192,11 @@ class HostRun:
 
 
 def from_snapshot(
-    snap: HostSnapshot, methods: Sequence[str], progress: Progress | None = None
+    snap: HostSnapshot,
+    methods: Sequence[str],
+    progress: Progress | None = None,
+    *,
+    knobs: Knobs = ISCA_KERNEL,
 ) -> HostRun:
     """Seed a machine from `snap` for each method (each starts from the same state) and
     run it; "none" is the before column."""
@@ -203,7 +211,7 @@ def from_snapshot(
         if i:
             machine, _ = seed(snap)
         share = _share(say, i, len(todo))
-        work = apply(machine, method, share)
+        work = apply(machine, method, share, knobs=knobs)
         runs.append((method, measure(machine), work))
     return HostRun(snap, seeding, seconds, before, tuple(runs))
 
@@ -261,6 +269,7 @@ def host_to_json(r: HostRun) -> dict[str, object]:
             "frames": r.seeding.frames,
             "pages": r.seeding.pages,
             "thps": r.seeding.thps,
+            "other_thps": r.seeding.other_thps,
             "notes": [*s.notes, *r.seeding.notes],
         },
         "before": _figures_json(r.before),
@@ -450,6 +459,14 @@ def set_argparser(sub: Subparsers) -> None:
         help="what to run (repeatable; default ranger, or ranger and ranger-improved on a "
         "real machine's snapshot)",
     )
+    sim.add_argument(
+        "--ranger-rules",
+        choices=("rfc05", "rfc04"),
+        default="rfc05",
+        help="THP rules of method ranger: rfc05 (the ISCA'19 tree: a THP that cannot move "
+        "whole is split; default) or rfc04 (the February 2019 posting alone, the kernel "
+        "tests/ranger boots: a THP is never split, nothing is promoted)",
+    )
     sim.add_argument("--json", action="store_true", help="print JSON (memdefragd.simulate/1)")
     sim.add_argument(
         "--png", metavar="FILE", help="also draw physical memory before and after into FILE"
@@ -481,7 +498,10 @@ def main(args: argparse.Namespace) -> int:
 
             shots = Snapshots()
         try:
-            result = simulate(scenario, method, progress=progress_bar(min_seconds=1.0), keep=shots)
+            result = simulate(
+                scenario, method, progress=progress_bar(min_seconds=1.0), keep=shots,
+                knobs=_knobs(args),
+            )  # fmt: skip
         except ValueError as e:  # a machine too small to build, a workload that cannot fit
             print(f"memdefragd: {e}", file=sys.stderr)
             return 2
@@ -505,6 +525,10 @@ def main(args: argparse.Namespace) -> int:
         if args.png:
             print(f"  picture: {args.png}")
     return 0
+
+
+def _knobs(args: argparse.Namespace) -> Knobs:
+    return RFC04_KERNEL if args.ranger_rules == "rfc04" else ISCA_KERNEL
 
 
 def _main_host(args: argparse.Namespace) -> int:
@@ -531,7 +555,7 @@ def _main_host(args: argparse.Namespace) -> int:
         return 1
     methods = list(dict.fromkeys(args.method or ["ranger", "ranger-improved"]))
     try:
-        result = from_snapshot(snap, methods, progress_bar(min_seconds=1.0))
+        result = from_snapshot(snap, methods, progress_bar(min_seconds=1.0), knobs=_knobs(args))
     except ValueError as e:
         print(f"memdefragd: {e}", file=sys.stderr)
         return 2

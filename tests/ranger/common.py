@@ -9,13 +9,18 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from memdefragd.backends.kernel.backend import KernelBackend
+from memdefragd.backends.kernel.procs import PidHandle
+from memdefragd.backends.kernel.ranger import DefragPass, Ranger
+from memdefragd.backends.kernel.snapshot import take_snapshot
 from memdefragd.backends.sim.ranger import clamp, congruent
 from memdefragd.commands.simulate import KS, PS
 from memdefragd.model import PMD_PAGES
 from memdefragd.pipeline.scan import ProcessReport, scan_process
 from memdefragd.pipeline.score import Rollup, rollup
+from memdefragd.snapshot import ProcessShot
 
 from ..kernel.helpers import MiB
+from .conftest import TR_SYSCALL
 from .hog import HogProcess
 
 PUD_PAGES = 1 << 18
@@ -30,25 +35,62 @@ def reports(pids: Iterable[int]) -> dict[int, ProcessReport]:
         b.close()
 
 
+def process_shot(pid: int) -> ProcessShot:
+    """The snapshot of one process: its VMAs and present pages' frames."""
+    kb = KernelBackend()
+    try:
+        return take_snapshot([kb.process(pid)], backend=kb).processes[0]
+    finally:
+        kb.close()
+
+
 def total(reps: Iterable[ProcessReport]) -> Rollup:
     """One rollup over every VMA of these processes, as `report` totals a process."""
     return rollup((v.metrics for r in reps for v in r.vmas), KS, PS)
 
 
-def figures(t: Rollup) -> dict[str, float]:
+def figures(t: Rollup, *, every: bool = False) -> dict[str, float]:
+    """`report`'s figures of a rollup: the four the issue names, or `every` one."""
     c = t.contiguity
     assert c is not None, "frame numbers must be visible (root)"
+    if not every:
+        return {
+            "runs": c.runs,
+            "largest run": c.largest_run,
+            "coverage@128": c.coverage[128],
+            "runs_for(0.99)": c.runs_for[0.99],
+            "present pages": t.present_pages,
+        }
     return {
         "runs": c.runs,
         "largest run": c.largest_run,
-        "coverage@128": c.coverage[128],
-        "runs_for(0.99)": c.runs_for[0.99],
+        "mean run": c.mean_run,
+        **{f"coverage@{k}": c.coverage[k] for k in KS},
+        **{f"runs_for({p})": c.runs_for[p] for p in PS},
         "present pages": t.present_pages,
     }
 
 
 def fmt(name: str, v: float) -> str:
-    return f"{v:.4f}" if name.startswith("coverage") else str(int(v))
+    if name.startswith("coverage"):
+        return f"{v:.4f}"
+    return f"{v:.1f}" if name.startswith("mean") else str(int(v))
+
+
+def kernel_pass(pid: int) -> DefragPass:
+    """The kernel's whole pass over a process, as its launcher does it: action 1 (every
+    VMA eligible), then action 3 in one call (num_breakout_chunks as it is), logged."""
+    ranger = Ranger(TR_SYSCALL, breakout_chunks=None, lock_file=None)
+    kb = KernelBackend()
+    try:
+        handle = PidHandle(kb.process(pid))
+        try:
+            ranger.mark_all(handle)
+            return ranger.defrag(handle, log=True)
+        finally:
+            handle.close()
+    finally:
+        kb.close()
 
 
 def meminfo() -> dict[str, int]:

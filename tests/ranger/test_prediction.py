@@ -22,19 +22,19 @@ import numpy as np
 import pytest
 
 from memdefragd.backends.kernel.backend import KernelBackend
-from memdefragd.backends.kernel.procs import PidHandle
-from memdefragd.backends.kernel.ranger import Ranger, summarize, vmstat_counters
+from memdefragd.backends.kernel.ranger import summarize, vmstat_counters
 from memdefragd.backends.kernel.snapshot import take_snapshot
+from memdefragd.backends.sim.ranger import RFC04_KERNEL
 from memdefragd.backends.sim.ranger import defrag as sim_defrag
 from memdefragd.backends.sim.seed import seed
-from memdefragd.commands.simulate import KS, PS, apply, measure
+from memdefragd.commands.simulate import apply, measure
 from memdefragd.model import PAGE_SHIFT
-from memdefragd.pipeline.scan import scan_process
 from memdefragd.pipeline.score import Rollup
 from memdefragd.snapshot import KPF_ANON, KPF_LRU, KPF_SWAPBACKED
 
 from ..kernel.helpers import MiB
-from .conftest import TR_SYSCALL
+from .common import figures as every_figure
+from .common import fmt, kernel_pass, process_shot, reports
 
 pytestmark = pytest.mark.kernel
 HEAP = 256 * MiB
@@ -43,35 +43,11 @@ BUSY = 384 * MiB  # each of the filler process and the tmpfs file
 
 def real_rollup(pid: int) -> Rollup:
     """`report`'s figures for one process of this machine (pagemap + kpageflags on 5.0)."""
-    b = KernelBackend()
-    try:
-        return scan_process(b, b.process(pid), ks=KS, ps=PS).totals
-    finally:
-        b.close()
+    return reports([pid])[pid].totals
 
 
 def figures(t: Rollup) -> dict[str, float]:
-    c = t.contiguity
-    assert c is not None, "frame numbers must be visible (root)"
-    out: dict[str, float] = {
-        "runs": c.runs,
-        "largest run (pages)": c.largest_run,
-        "mean run (pages)": c.mean_run,
-    }
-    for k in KS:
-        out[f"coverage@{k}"] = c.coverage[k]
-    for p in PS:
-        out[f"runs_for({p})"] = c.runs_for[p]
-    out["present pages"] = t.present_pages
-    return out
-
-
-def fmt(name: str, v: float) -> str:
-    if name.startswith("coverage"):
-        return f"{v:.4f}"
-    if name.startswith("mean"):
-        return f"{v:.1f}"
-    return str(int(v))
+    return every_figure(t, every=True)
 
 
 def heap_runs(vpn: np.ndarray, pfn: np.ndarray, lo: int, hi: int) -> tuple[int, int, int]:
@@ -121,7 +97,7 @@ def predict(snap, pid: int, lo: int) -> dict:
     faithful one, its anchor, and what the seeding and the methods said, as plain data."""
     m, seeding = seed(snap)
     before = figures(measure(m).totals)
-    res = sim_defrag(m, pid)
+    res = sim_defrag(m, pid, knobs=RFC04_KERNEL)  # the guest's kernel: RFC 04's THP rules
     predicted = figures(measure(m).totals)
     heap = next(v for v in m.processes[pid].vmas if v.start_vpn == lo)
     m2, _ = seed(snap)
@@ -202,22 +178,12 @@ def _compare(child, record_property, scenario: str, other: int | None) -> None:
     # -- the real kernel from the same state: action 1, then action 3 to the end
     real_before = real_rollup(child.pid)
     vm0 = vmstat_counters()
-    ranger = Ranger(TR_SYSCALL, breakout_chunks=None, lock_file=None)
-    kb = KernelBackend()
-    try:
-        others = {}
-        if other is not None:
-            o = take_snapshot([kb.process(other)], backend=kb).processes[0]
-            others = dict(zip(o.pfn.tolist(), o.vpn.tolist(), strict=True))
-        handle = PidHandle(kb.process(child.pid))
-        try:
-            ranger.mark_all(handle)
-            tr = ranger.defrag(handle, log=True)
-        finally:
-            handle.close()
-        after_snap = take_snapshot([kb.process(child.pid)], backend=kb)
-    finally:
-        kb.close()
+    others = {}
+    if other is not None:
+        o = process_shot(other)
+        others = dict(zip(o.pfn.tolist(), o.vpn.tolist(), strict=True))
+    tr = kernel_pass(child.pid)
+    after = process_shot(child.pid)
     vm1 = vmstat_counters()
     real_after = real_rollup(child.pid)
     assert tr.complete, tr
@@ -247,7 +213,7 @@ def _compare(child, record_property, scenario: str, other: int | None) -> None:
     summary = summarize(tr.log.chunks)
     heap_chunks = [c for c in tr.log.chunks if lo << PAGE_SHIFT <= c.start < hi << PAGE_SHIFT]
     k_anchor = {(c.anchor_vpn, c.anchor_pfn) for c in heap_chunks}
-    k_vpn, k_pfn = after_snap.processes[0].vpn, after_snap.processes[0].pfn
+    k_vpn, k_pfn = after.vpn, after.pfn
     k_heap = np.full(hi - lo, -1, np.int64)
     sel = (k_vpn >= lo) & (k_vpn < hi)
     k_heap[k_vpn[sel] - lo] = k_pfn[sel]
@@ -281,7 +247,7 @@ def _compare(child, record_property, scenario: str, other: int | None) -> None:
     assert fb["present pages"] == pytest.approx(real_before.present_pages, rel=0.02)
     for f in (fb, fp, fk, fi):
         assert all(math.isfinite(v) and v >= 0 for v in f.values()), f
-        assert f["largest run (pages)"] <= f["present pages"]
+        assert f["largest run"] <= f["present pages"]
         assert f["runs_for(0.9)"] <= f["runs_for(0.99)"] <= f["runs"]
         assert 0 < f["coverage@32"] <= f["coverage@128"] <= 1
     assert fb["runs"] >= HEAP >> PAGE_SHIFT  # the shuffled heap: about a run per page

@@ -9,6 +9,8 @@ on everything else, promotion of a clean whole chunk. Machines are one Normal zo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -17,10 +19,12 @@ from memdefragd.backends.sim.machine import (
     HEAD,
     MMAP_BASE_VPN,
     NONLRU,
+    TAIL,
     UNMOVABLE,
     Machine,
 )
 from memdefragd.backends.sim.ranger import (
+    RFC04_KERNEL,
     Anchor,
     Knobs,
     RangerState,
@@ -33,6 +37,7 @@ from memdefragd.pipeline.score import run_lengths
 
 V = MMAP_BASE_VPN  # 0x7f000000: a multiple of 512
 SMALL = Knobs(defrag_size_threshold=1)  # VMAs from 2 MiB (the RFC's default is 10 MiB)
+RFC04 = replace(RFC04_KERNEL, defrag_size_threshold=1)
 
 
 def build(nframes: int = 16384) -> Machine:
@@ -305,3 +310,72 @@ def test_two_processes_fight_over_the_same_frames():
     assert (r.pages_exchanged, r.promoted) == (512, 1) and runs(m, b) == [512]
     assert frame_of(m, a, V) == 8191 and runs(m, a) == [1] * 512
     m.check()
+
+
+# ---------------------------------------------------------------- RFC 04's THP rules
+
+
+def test_rfc04_a_thp_destination_stops_each_page_that_meets_it():
+    # RFC 04 never splits: page 0 meets the other process's THP at its head
+    # (dst_thp_src_not), pages 1..511 at its tails (dst_pte_thp), each a hard stop, and
+    # the THP stays whole where it was. RFC05 (test above) split it and exchanged.
+    m = build()
+    other = m.add_process("other")
+    m.mmap(other.pid, 512, start_vpn=V)
+    thp_at(m, other.pid, V, 0)
+    a = mapped(m, 512, np.arange(512), 8191 - np.arange(512))
+    r = defrag(m, a, knobs=RFC04, tree=RangerState())
+    assert r.failures == {"dst_thp_src_not_failed": 1, "dst_pte_thp_failed": 511}
+    assert r.hard_stops == 512 and r.pages_exchanged == r.pages_migrated == r.promoted == 0
+    assert m.compound[0] == HEAD and m.owner[0] == other.pid and m.stats.thp_split == 0
+    m.check()
+
+
+def test_rfc04_an_unowned_page_cache_thp_is_met_as_a_process_thp():
+    # A THP the machine holds as page cache (how seeding keeps other processes' THPs).
+    m = build()
+    m.alloc_at(np.arange(512), CACHE)
+    m.compound[:512] = TAIL
+    m.compound[0] = HEAD
+    m.check()
+    a = mapped(m, 512, np.arange(512), 8191 - np.arange(512))
+    r = defrag(m, a, knobs=RFC04, tree=RangerState())
+    assert r.failures == {"dst_thp_src_not_failed": 1, "dst_pte_thp_failed": 511}
+    assert (m.compound[:512] != 0).all() and (m.kind[:512] == CACHE).all()
+
+
+def test_rfc04_a_thp_source_moves_only_whole_onto_a_free_block():
+    m = build()
+    p = m.add_process("t")
+    m.mmap(p.pid, 512, start_vpn=V)
+    thp_at(m, p.pid, V, 4096)
+    m.alloc_at(np.array([7]), CACHE)  # destination block 0..511 is not wholly free
+    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    # RFC 04: no free order-9 block at the destination is -ENOMEM, a stop; no split.
+    assert r.failures == {"dst_isolate_free_failed": 512} and r.thp_split == 0
+    assert frame_of(m, p.pid, V) == 4096 and m.compound[4096] == HEAD
+    m.free(np.array([7]))
+    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    assert (r.pages_migrated, r.thp_moved) == (512, 1) and m.compound[0] == HEAD
+
+
+def test_rfc04_a_thp_source_over_a_base_page_or_a_thp_stops():
+    m = build()
+    p = m.add_process("t")
+    m.mmap(p.pid, 512, start_vpn=V)
+    thp_at(m, p.pid, V, 4096)
+    m.alloc_at(np.arange(512), CACHE)  # base page cache on the whole destination
+    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    assert r.failures == {"src_thp_dst_not_failed": 512} and r.pages_exchanged == 0
+    m.compound[:512] = TAIL  # now a page-cache THP there: exchange_pages refuses both
+    m.compound[0] = HEAD
+    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    assert r.failures == {"dst_file_failed": 512} and frame_of(m, p.pid, V) == 4096
+    m.check()
+
+
+def test_rfc04_promotes_nothing():
+    m = build()
+    a = mapped(m, 512, np.arange(512), 8191 - np.arange(512))
+    r = defrag(m, a, knobs=RFC04, tree=RangerState())
+    assert runs(m, a) == [512] and r.promoted == 0 and m.compound[0] == 0

@@ -23,6 +23,7 @@ from memdefragd.snapshot import (
     KPF_PGTABLE,
     KPF_RESERVED,
     KPF_SLAB,
+    KPF_THP,
     KPF_UNEVICTABLE,
     KPF_ZERO_PAGE,
     HostSnapshot,
@@ -37,7 +38,7 @@ from memdefragd.snapshot import (
 F = {n: 1 << b for n, b in [("buddy", KPF_BUDDY), ("lru", KPF_LRU), ("anon", KPF_ANON),
      ("slab", KPF_SLAB), ("pgtable", KPF_PGTABLE), ("reserved", KPF_RESERVED),
      ("huge", KPF_HUGE), ("zero", KPF_ZERO_PAGE), ("head", KPF_COMPOUND_HEAD),
-     ("tail", KPF_COMPOUND_TAIL), ("unevictable", KPF_UNEVICTABLE), ("mlocked", KPF_MLOCKED)]}  # fmt: skip
+     ("tail", KPF_COMPOUND_TAIL), ("unevictable", KPF_UNEVICTABLE), ("mlocked", KPF_MLOCKED), ("thp", KPF_THP)]}  # fmt: skip
 NFRAMES = 8192  # 32 MiB: two 16 MiB zones
 BASE_VPN = 0x7F0000000  # 2 MiB-aligned
 
@@ -210,3 +211,82 @@ def test_shmem_pages_are_movable_but_not_on_exchange_pages_terms():
     cls = classify(flags, np.zeros(3, dtype=bool))
     assert names(cls) == ["shmem", "anon", "file"]
     assert SIM_KIND[CODE["shmem"]] == NONLRU and MOVABLE[CODE["shmem"]]
+
+
+def test_other_processes_thps_stay_whole_and_translation_ranger_stops_at_them():
+    """Another process's THP (KPF_THP on 512 aligned frames, head then tails) stays a THP
+    (unowned page cache) where RFC 04 stops at each of its frames; a smaller THP-marked
+    folio becomes base pages, counted."""
+    from dataclasses import replace
+
+    snap = synthetic()
+    flags = snap.flags.copy()
+    other = F["lru"] | F["anon"] | F["thp"]
+    flags[3072:3584] = other | F["tail"]  # no page of the process is there (see synthetic)
+    flags[3072] = other | F["head"]
+    flags[3584:3840] = other | F["tail"]  # an order-8 folio: not a 2 MiB THP
+    flags[3584] = other | F["head"]
+    m, s = seed(replace(snap, flags=flags))
+    m.check()
+    assert s.other_thps == 1 and s.thps == 1
+    assert m.compound[3072] == HEAD and (m.compound[3073:3584] == TAIL).all()
+    assert (m.kind[3072:3584] == CACHE).all() and (m.compound[3584:3840] == 0).all()
+    assert any("1 THPs of other processes" in n and "256 pages" in n for n in s.notes)
+
+
+def thp_in_window(thp: bool) -> HostSnapshot:
+    """A 16 MiB heap with 512 pages present, reversed, whose anchor window (the zone's
+    first 512 frames) holds another process's anonymous pages: a THP if `thp`."""
+    flags = np.full(NFRAMES, F["lru"], dtype=np.uint64)
+    mark = F["anon"] | (F["thp"] if thp else 0)
+    flags[:512] |= mark | F["tail"]
+    flags[0] = F["lru"] | mark | F["head"]
+    pfn = np.arange(4095, 3583, -1, dtype=np.int64)  # reversed: 512 runs
+    flags[pfn] |= F["anon"]
+    vpn = np.arange(BASE_VPN, BASE_VPN + 512, dtype=np.int64)
+    heap = VmaShot(BASE_VPN, BASE_VPN + 4096, "rw-p", "", True)
+    p = ProcessShot(7, "heap", ("heap",), (heap,), vpn, pfn, np.zeros(512, dtype=bool))
+    return HostSnapshot(
+        kernel="5.0-test", taken=0.0, seconds=0.1, flags=flags,
+        zones=(ZoneSpan(0, "DMA32", 0, NFRAMES, NFRAMES, NFRAMES),),
+        buddyinfo=(ZoneFree(0, "DMA32", (0,) * 11),), processes=(p,),
+    )  # fmt: skip
+
+
+def test_translation_ranger_stops_at_another_process_thp_in_its_window():
+    """A heap whose anchor window (the zone's start) holds another process's THP: RFC 04
+    stops at each of its 512 frames, RFC 05 splits it and exchanges; the same frames as
+    base pages (no KPF_THP) are simply exchanged under either rule."""
+    from memdefragd.backends.sim.ranger import ISCA_KERNEL, RFC04_KERNEL, defrag
+
+    def run(thp: bool, knobs) -> tuple[dict[str, int], int, np.ndarray]:
+        m, s = seed(thp_in_window(thp))
+        assert s.other_thps == int(thp)
+        r = defrag(m, 7, knobs=knobs)
+        m.check()
+        return r.failures, r.pages_exchanged, m.processes[7].vmas[0].pfn[:512]
+
+    failures, exchanged, pfn = run(True, RFC04_KERNEL)
+    absent = {"src_not_present": 4096 - 512}  # the rest of the 16 MiB heap
+    assert failures == {"dst_thp_src_not_failed": 1, "dst_pte_thp_failed": 511, **absent}
+    assert exchanged == 0 and (pfn == np.arange(4095, 3583, -1)).all()
+    failures, exchanged, pfn = run(True, ISCA_KERNEL)
+    assert exchanged == 512 and (pfn == np.arange(512)).all()
+    for knobs in (RFC04_KERNEL, ISCA_KERNEL):
+        failures, exchanged, pfn = run(False, knobs)
+        assert failures == absent and exchanged == 512 and (pfn == np.arange(512)).all()
+
+
+def test_simulate_ranger_rules_rfc04_from_a_snapshot(tmp_path, capsys):
+    path = tmp_path / "s.npz"
+    save(thp_in_window(True), path)
+    work = {}
+    for rules in ("rfc05", "rfc04"):
+        argv = ["simulate", "--from-snapshot", str(path), "--method", "ranger", "--json"]
+        assert main([*argv, "--ranger-rules", rules]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["seeding"]["other_thps"] == 1
+        work[rules] = doc["methods"]["ranger"]["work"]
+    assert work["rfc05"]["pages_exchanged"] == 512 and work["rfc05"]["thp_split"] == 1
+    assert work["rfc04"]["pages_exchanged"] == 0 and work["rfc04"]["thp_split"] == 0
+    assert work["rfc04"]["failures"]["dst_thp_src_not_failed"] == 1

@@ -7,7 +7,9 @@ contents: data integrity is checkable after any sequence of operations (`check`)
 
 A PMD THP is 512 frames, 512-aligned, with `compound` HEAD then TAILs, mapped by one
 process at a 512-aligned vpn run of one VMA. A THP is always PMD-mapped here: whatever
-would leave it PTE-mapped (a partial unmap) splits it first.
+would leave it PTE-mapped (a partial unmap) splits it first. Page cache may hold THPs
+too, unowned: a machine seeded from a real one keeps other processes' THPs that way
+(backends/sim/seed.py), where Translation Ranger meets them as the kernel does.
 """
 
 from __future__ import annotations
@@ -701,7 +703,8 @@ class Machine:
         used_tokens = self.token[~free]
         assert (used_tokens > 0).all(), "an in-use frame has no token"
         assert np.unique(used_tokens).size == used_tokens.size, "two frames share a token"
-        assert (self.compound[~anon] == BASE).all(), "a THP frame that is not anon"
+        cache = self.kind == CACHE
+        assert (self.compound[~(anon | cache)] == BASE).all(), "a THP frame not anon or cache"
         # Page tables <-> reverse map: every present pte names an anon frame of that
         # owner at that vpn, no frame twice, and no anon frame without its pte.
         mapped = 0
@@ -720,13 +723,17 @@ class Machine:
                 mapped += p.size
         assert mapped == int(np.count_nonzero(anon)), "anon frames without a pte (or twice)"
         assert np.isin(self.owner[anon], list(self.processes)).all(), "anon of a dead pid"
-        # THPs: whole aligned 512 blocks, head first, consecutive aligned vpns, one owner.
+        # THPs: whole aligned 512 blocks of one kind, head first; anonymous ones at
+        # consecutive aligned vpns of one owner.
         c = self.compound.reshape(-1, PMD_PAGES)
         blocks = np.flatnonzero(c.any(axis=1))
         if blocks.size:
             cb = c[blocks]
             assert (cb[:, 0] == HEAD).all() and (cb[:, 1:] == TAIL).all(), "THP shape"
             frames = blocks[:, None] * PMD_PAGES + _PMD
+            k = self.kind[frames]
+            assert (k == k[:, :1]).all(), "THP of two kinds"
+            frames = frames[k[:, 0] == ANON]
             v = self.vpn[frames]
             assert (v[:, 0] % PMD_PAGES == 0).all(), "THP at an unaligned vpn"
             assert (v == v[:, :1] + _PMD).all(), "THP vpns not consecutive"

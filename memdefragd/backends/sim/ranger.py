@@ -2,7 +2,8 @@
 
 `defrag(machine, pid)` is one complete call of scan_process_memory's defrag action
 (action 3 until it returns 0) for one process. With the default `improved=False` it is
-the RFC (RFC04 with RFC05's THP rules; docs/simulator.md, "Sources"):
+the RFC (RFC04 with RFC05's THP rules, or RFC04's own with `Knobs.rfc04`;
+docs/simulator.md, "Sources"):
 
 - each eligible VMA gets one anchor (vpn, pfn): `get_undefragged_area` packs the process's
   VMAs back to back in virtual order from the start of the zone of the VMA's first present
@@ -40,7 +41,16 @@ from .machine import MT_UNMOVABLE, NONLRU, UNMOVABLE, Machine, SimProcess, SimVm
 from .ranger_engine import PUD_PAGES, RANGER_FAILURES, Placer, Tally
 from .ranger_plan import Planner, RangeTree
 
-__all__ = ["QUIRKS", "RANGER_FAILURES", "Knobs", "RangerResult", "RangerState", "defrag"]
+__all__ = [
+    "ISCA_KERNEL",
+    "QUIRKS",
+    "RANGER_FAILURES",
+    "RFC04_KERNEL",
+    "Knobs",
+    "RangerResult",
+    "RangerState",
+    "defrag",
+]
 
 QUIRKS = frozenset({"units", "clamp"})
 
@@ -57,6 +67,16 @@ class Knobs:
     # the buddy allocator takes them, which can be inside the anchor's window (measured
     # on its kernel: 3,532 of the 4,096 pages of a free window's start, each a hard stop).
     log_buffer: int = 0
+    # THP rules: RFC 05's (the ISCA tree: split what cannot move whole) or, with `rfc04`,
+    # RFC 04's alone (the February 2019 posting, the kernel tests/ranger boots: never
+    # split, THP-THP exchange fails; set promote=False too, RFC 04 has no promotion).
+    rfc04: bool = False
+
+
+# The ISCA'19 tree's rules (RFC 04 with RFC 05's THP handling) at the RFC's defaults,
+# and the kernel of tests/ranger's guest: v5.0 with RFC 01/31 and 04/31 only.
+ISCA_KERNEL = Knobs()
+RFC04_KERNEL = Knobs(promote=False, rfc04=True)
 
 
 @dataclass(slots=True)
@@ -263,8 +283,9 @@ def _faithful_vma(
         return vpns + offset
 
     placer = Placer(
-        m, proc.pid, vma, dest, (zone.start_pfn, zone.end_pfn), tally, promote=knobs.promote
-    )
+        m, proc.pid, vma, dest, (zone.start_pfn, zone.end_pfn), tally,
+        promote=knobs.promote, rfc04=knobs.rfc04,
+    )  # fmt: skip
     for lo, hi in todo:
         placer.run(lo, hi)
     return 1

@@ -76,11 +76,15 @@ class Placer:
     """Places the pages of one VMA of one process on the frames `dest` gives them.
 
     `zone` bounds the destinations ([lo, hi) pfns): anything outside is the RFC's
-    dst_out_of_bound. Two departures from the RFC, for the improved planner: `keep_thp`
-    leaves a THP whose destination is not a whole aligned block where it is instead of
-    splitting it and moving its pages one by one; `split_any` splits a THP found at the
-    destination even when the first page to meet it is not its head, where the RFC stops
-    at each of its pages (dst_pte_thp_failed).
+    dst_out_of_bound. THPs follow RFC05's rules (a source THP that cannot move whole is
+    split, a destination THP met at its head is split) unless `rfc04`: RFC 04 alone never
+    splits (a base page meeting another THP stops at each of its 512 frames, a source THP
+    moves only whole onto a free aligned block, and THP-THP exchange fails, as
+    exchange_pages refuses compound pages). Two departures from the RFC, for the improved
+    planner: `keep_thp` leaves a THP whose destination is not a whole aligned block where
+    it is instead of splitting it and moving its pages one by one; `split_any` splits a
+    THP found at the destination even when the first page to meet it is not its head,
+    where the RFC stops at each of its pages (dst_pte_thp_failed).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Placer:
         promote: bool = True,
         keep_thp: bool = False,
         split_any: bool = False,
+        rfc04: bool = False,
     ):
         self.m, self.pid, self.vma, self.dest = machine, pid, vma, dest
         self.zlo, self.zhi = zone
@@ -102,6 +107,7 @@ class Placer:
         self.promote_on = promote
         self.keep_thp = keep_thp
         self.split_any = split_any
+        self.rfc04 = rfc04
 
     def run(self, lo: int, hi: int) -> None:
         """The vpns [lo, hi) of the VMA: 1 GiB regions, each walked in 2 MiB chunks."""
@@ -187,9 +193,12 @@ class Placer:
                 splits = np.zeros(src.size, bool)
                 at = np.flatnonzero(thp_dst)
                 splits[at[np.unique(head[at], return_index=True)[1]]] = True
+            elif self.rfc04:  # RFC04: no split, a stop at each of its frames
+                splits = np.zeros(src.size, bool)
             else:  # RFC05: split a THP met at its head, then exchange
                 splits = movable & (dcomp == 1)
             tail = thp_dst & ~splits  # inside a THP not split (yet): a hard stop
+            at_head = tail & (dcomp == 1) if self.rfc04 else np.zeros(src.size, bool)
             to_free = act & (kind == FREE)
             swap = movable & ~tail
             cut = _first_conflict(
@@ -206,7 +215,8 @@ class Placer:
             t.fail("src_not_present", int(missing.sum()))
             t.fail("src_pte_thp_failed", int((comp[s] & planned[s]).sum()))
             t.fail("dst_out_of_bound_failed", int(oob[s].sum()))
-            t.fail("dst_pte_thp_failed", int(tail[s].sum()))
+            t.fail("dst_thp_src_not_failed", int(at_head[s].sum()))
+            t.fail("dst_pte_thp_failed", int((tail[s] & ~at_head[s]).sum()))
             t.fail("dst_non_lru_failed", int(stop_nonlru.sum()))
             t.fail("dst_non_moveable_failed", int(stop_unmov.sum()))
             t.aligned += int(aligned[s].sum())
@@ -230,8 +240,9 @@ class Placer:
     # ------------------------------------------------------------ a THP source
 
     def _thp(self, head: int, fails: np.ndarray, k: int) -> str:
-        """A whole THP at vpn `head` (§2.4 with RFC05): 'kept' in place, 'moved' whole,
-        'split' (its pages then go one by one) or 'failed' (a hard stop)."""
+        """A whole THP at vpn `head` (§2.4 with RFC05, or RFC04's if `rfc04`): 'kept' in
+        place, 'moved' whole, 'split' (its pages then go one by one) or 'failed' (a hard
+        stop)."""
         m, v, t = self.m, self.vma, self.t
         s = int(v.pfn[head - v.start_vpn])
         d = int(self.dest(np.array([head], np.int64))[0])
@@ -255,10 +266,17 @@ class Placer:
                 t.migrated += PMD_PAGES
                 t.thp_moved += 1
                 return "moved"
+            if self.rfc04:  # no free order-9 block at the destination: -ENOMEM
+                return self._thp_stop("dst_isolate_free_failed", head, fails, k)
         elif kind in (ANON, CACHE):
             dc = int(m.compound[d])
             if dc == 2:
                 return self._thp_stop("dst_pte_thp_failed", head, fails, k)
+            if self.rfc04:  # exchange_pages refuses compound pages; no split
+                if dc == 1:
+                    what = "dst_anon_failed" if kind == ANON else "dst_file_failed"
+                    return self._thp_stop(what, head, fails, k)
+                return self._thp_stop("src_thp_dst_not_failed", head, fails, k)
             if dc == 1 and whole:
                 _exchange_thps(m, s, d)
                 t.exchanged += PMD_PAGES

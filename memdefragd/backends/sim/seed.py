@@ -13,7 +13,10 @@ thing it can and counted, so a prediction always says what it assumed:
   after it (an upper bound: per-CPU free pages and flagless kernel pages look the same);
 - LRU pages (anonymous or page cache) of other processes become unowned page cache: the
   simulator's anonymous pages need an owner and a page table, and both kinds are what
-  migration and exchange_pages accept; their THPs become base pages;
+  migration and exchange_pages accept. Their 2 MiB THPs stay THPs (unowned page-cache
+  THPs), since Translation Ranger stops at a THP it meets as a destination (RFC 04: at
+  each of its 512 frames; measured on its kernel as dst_thp_src_not and dst_pte_thp);
+  other compound pages (smaller folios, parts of larger ones) become base pages;
 - shmem and tmpfs pages (page cache marked SwapBacked, not anonymous) are movable but not
   on terms exchange_pages accepts: it swaps only with anonymous pages or page cache whose
   migratepage is buffer_migrate_page or none, and shmem's is migrate_page (RFC 01/31,
@@ -47,6 +50,7 @@ from ...snapshot import (
     KPF_RESERVED,
     KPF_SLAB,
     KPF_SWAPBACKED,
+    KPF_THP,
     KPF_UNEVICTABLE,
     KPF_ZERO_PAGE,
     HostSnapshot,
@@ -165,6 +169,7 @@ class Seeding:
     frames: dict[str, int]
     pages: int = 0  # process pages placed at their frames
     thps: int = 0
+    other_thps: int = 0  # THPs of other processes and the page cache, kept whole
     notes: list[str] = field(default_factory=list)
 
 
@@ -188,6 +193,14 @@ def seed(snap: HostSnapshot) -> tuple[Machine, Seeding]:
     for kind in (UNMOVABLE, NONLRU, CACHE):
         pfns = np.flatnonzero((SIM_KIND[cls] == kind) & ~taken)
         m.alloc_at(pfns, kind)
+    others, loose = other_thps(flags, cls, taken)
+    if others.size:
+        m.compound[(others[:, None] + np.arange(PMD_PAGES)).ravel()] = TAIL
+        m.compound[others] = HEAD
+    if others.size or loose:
+        notes.append(f"{others.size} THPs of other processes or the page cache kept whole"
+                     + (f"; {loose} pages of other compound pages (smaller or unaligned "
+                        "folios) as base pages" if loose else ""))  # fmt: skip
     per_pb = np.count_nonzero(m.kind.reshape(-1, PAGEBLOCK_PAGES) == UNMOVABLE, axis=1)
     m.pageblock_mt[per_pb >= PAGEBLOCK_PAGES // 2] = MT_UNMOVABLE  # as fallback claims them
     m.stats = MoveStats()
@@ -201,7 +214,22 @@ def seed(snap: HostSnapshot) -> tuple[Machine, Seeding]:
         if name != "free" and counts[i]:
             notes.append(f"{format_size(int(counts[i]) * PAGE_SIZE)} {what}: {KIND_NAMES[kind]}")
     m.meta["seeding"] = frames
-    return m, Seeding(frames, pages, thps, notes)
+    return m, Seeding(frames, pages, thps, int(others.size), notes)
+
+
+def other_thps(flags: np.ndarray, cls: np.ndarray, taken: np.ndarray) -> tuple[np.ndarray, int]:
+    """Head frames of the 2 MiB THPs outside the chosen processes that the model holds
+    whole (512 aligned frames marked THP, head then tails, all of a page-cache kind), and
+    how many other THP-marked frames of those kinds it does not (left as base pages)."""
+    n = flags.size // PMD_PAGES * PMD_PAGES
+    f = flags[:n].reshape(-1, PMD_PAGES)
+    thp = (f & bit(KPF_THP)) != 0
+    cache = (SIM_KIND[cls[:n]] == CACHE).reshape(-1, PMD_PAGES) & ~taken[:n].reshape(-1, PMD_PAGES)
+    ok = thp.all(axis=1) & cache.all(axis=1) & ((f[:, 0] & bit(KPF_COMPOUND_HEAD)) != 0)
+    ok &= ((f[:, 1:] & bit(KPF_COMPOUND_TAIL)) != 0).all(axis=1)
+    heads: np.ndarray = np.flatnonzero(ok) * PMD_PAGES
+    loose = int(np.count_nonzero(thp & cache)) - heads.size * PMD_PAGES
+    return heads, loose
 
 
 def _zones(snap: HostSnapshot) -> tuple[list[Zone], int, str]:
