@@ -58,6 +58,20 @@ def thp_at(m: Machine, pid: int, vpn: int, pfn: int) -> None:
     assert m.promote(pid, vpn)
 
 
+def one_thp(m: Machine) -> int:
+    """A process whose one 512-page VMA at V is a THP on frames 4096..4607."""
+    p = m.add_process("t")
+    m.mmap(p.pid, 512, start_vpn=V)
+    thp_at(m, p.pid, V, 4096)
+    return p.pid
+
+
+def cache_thp(m: Machine, head: int) -> None:
+    """Turn the page-cache frames head..head+511 into one THP (as seeding does)."""
+    m.compound[head : head + 512] = TAIL
+    m.compound[head] = HEAD
+
+
 def runs(m: Machine, pid: int) -> list[int]:
     v = m.processes[pid].vmas[0]
     idx = np.flatnonzero(v.pfn >= 0)
@@ -203,11 +217,9 @@ def test_a_thp_source_moves_whole_onto_a_free_aligned_block():
 
 def test_a_thp_source_over_used_frames_is_split_and_moved_page_by_page():
     m = build()
-    p = m.add_process("t")
-    m.mmap(p.pid, 512, start_vpn=V)
-    thp_at(m, p.pid, V, 4096)
+    pid = one_thp(m)
     m.alloc_at(np.array([7]), CACHE)  # destination block 0..511 is not wholly free
-    r = defrag(m, p.pid, knobs=SMALL, tree=RangerState())
+    r = defrag(m, pid, knobs=SMALL, tree=RangerState())
     # RFC05: free destination in a block below order 9 -> split the source, restart:
     # 511 migrations and one exchange (frame 7), then the clean chunk is promoted.
     assert (r.thp_split, r.pages_migrated, r.pages_exchanged, r.promoted) == (1, 511, 1, 1)
@@ -335,8 +347,7 @@ def test_rfc04_an_unowned_page_cache_thp_is_met_as_a_process_thp():
     # A THP the machine holds as page cache (how seeding keeps other processes' THPs).
     m = build()
     m.alloc_at(np.arange(512), CACHE)
-    m.compound[:512] = TAIL
-    m.compound[0] = HEAD
+    cache_thp(m, 0)
     m.check()
     a = mapped(m, 512, np.arange(512), 8191 - np.arange(512))
     r = defrag(m, a, knobs=RFC04, tree=RangerState())
@@ -346,31 +357,26 @@ def test_rfc04_an_unowned_page_cache_thp_is_met_as_a_process_thp():
 
 def test_rfc04_a_thp_source_moves_only_whole_onto_a_free_block():
     m = build()
-    p = m.add_process("t")
-    m.mmap(p.pid, 512, start_vpn=V)
-    thp_at(m, p.pid, V, 4096)
+    pid = one_thp(m)
     m.alloc_at(np.array([7]), CACHE)  # destination block 0..511 is not wholly free
-    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    r = defrag(m, pid, knobs=RFC04, tree=RangerState())
     # RFC 04: no free order-9 block at the destination is -ENOMEM, a stop; no split.
     assert r.failures == {"dst_isolate_free_failed": 512} and r.thp_split == 0
-    assert frame_of(m, p.pid, V) == 4096 and m.compound[4096] == HEAD
+    assert frame_of(m, pid, V) == 4096 and m.compound[4096] == HEAD
     m.free(np.array([7]))
-    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    r = defrag(m, pid, knobs=RFC04, tree=RangerState())
     assert (r.pages_migrated, r.thp_moved) == (512, 1) and m.compound[0] == HEAD
 
 
 def test_rfc04_a_thp_source_over_a_base_page_or_a_thp_stops():
     m = build()
-    p = m.add_process("t")
-    m.mmap(p.pid, 512, start_vpn=V)
-    thp_at(m, p.pid, V, 4096)
+    pid = one_thp(m)
     m.alloc_at(np.arange(512), CACHE)  # base page cache on the whole destination
-    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
+    r = defrag(m, pid, knobs=RFC04, tree=RangerState())
     assert r.failures == {"src_thp_dst_not_failed": 512} and r.pages_exchanged == 0
-    m.compound[:512] = TAIL  # now a page-cache THP there: exchange_pages refuses both
-    m.compound[0] = HEAD
-    r = defrag(m, p.pid, knobs=RFC04, tree=RangerState())
-    assert r.failures == {"dst_file_failed": 512} and frame_of(m, p.pid, V) == 4096
+    cache_thp(m, 0)  # now a page-cache THP there: exchange_pages refuses both
+    r = defrag(m, pid, knobs=RFC04, tree=RangerState())
+    assert r.failures == {"dst_file_failed": 512} and frame_of(m, pid, V) == 4096
     m.check()
 
 
