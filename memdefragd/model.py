@@ -282,6 +282,9 @@ class Outcome:
     `ineligible` lists region start addresses the kernel said will never work (EINVAL).
     `touched`: where the backend worked when that is not the request's ranges (Translation
     Ranger's pass goes its own way through the process): what verification re-reads.
+    `frames`: Translation Ranger's anchor windows, the [first, end) frame numbers where the
+    pass put (or meant to put) the pages of each VMA it anchored, merged and in order:
+    the daemon notices from them when two processes' passes fill the same frames.
     """
 
     request: Request
@@ -292,3 +295,4 @@ class Outcome:
     stopped: str = ""
     ineligible: tuple[int, ...] = ()
     touched: tuple[tuple[int, int], ...] = ()
+    frames: tuple[tuple[int, int], ...] = ()

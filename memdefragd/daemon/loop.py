@@ -48,6 +48,7 @@ from ..model import (
 )
 from ..pipeline.discover import Changes, Discovery, Tracked
 from ..pipeline.plan.access import Windows, by_vma, open_sampler, sampled_regions
+from ..pipeline.plan.anchors import AnchorWindows, ProcKey
 from ..pipeline.plan.regress import Forks, HugeMemory, split_again
 from ..pipeline.plan.scheduler import Candidate, Reaction, Scheduler, pause_kinds, reaction
 from ..pipeline.scan import (
@@ -128,6 +129,9 @@ class Daemon:
         self.access: AccessSampler | None = None  # opened by run(), where the backend can
         self.forks = Forks()
         self.huge = HugeMemory()
+        # Translation Ranger's anchor windows: who holds whose (pipeline/plan/anchors.py)
+        self.anchors = AnchorWindows()
+        self._held_targets: set[str] = set()  # targets memdefragd_ranger_held_processes shows
         self.procs: dict[int, Process] = {}  # what we know of each tracked process
         self._published = float("-inf")
         self.paused: str | None = None
@@ -338,6 +342,7 @@ class Daemon:
         self.metrics.reloads.labels("ok").inc()
         self.metrics.configured(new.sha256, new.daemon.scan_interval, refused)
         self.metrics.targets({t.name: self.method_for(t.name) for t in new.targets})
+        self.count_held()
         log.info("reloaded %s (sha256 %s)", new.path, new.sha256[:12])
         self._dirty |= set(self.discovery.tracked)
         self.notifier.ready(self.status_line())
@@ -436,6 +441,9 @@ class Daemon:
         self.metrics.scan_seconds.observe(time.perf_counter() - t0)
         self.metrics.scanned_pages.inc(rep.totals.present_pages)
         self.procs.setdefault(tracked.proc.pid, Process()).scanned(rep)
+        key = (tracked.proc.pid, tracked.proc.start_time)
+        why = f"the VMAs pid {key[0]}'s window was anchored for are gone"
+        self.freed(self.anchors.rescanned(key, {v.start for v in vmas}), why)
         self.regressions(tracked, rep)
         if self.access is not None:
             self.measure(tracked, rep)
@@ -511,6 +519,8 @@ class Daemon:
             tracked = self.discovery.tracked.get(pid)
             if tracked is None or self.forks.held(pid, now) or p.resting(now):
                 continue
+            if self.held_back(tracked):
+                continue
             target = replace(tracked.target, mode="observe") if self.dry_run else tracked.target
             out += p.candidates(target, tracked.proc, measuring=self.access is not None)
         return out
@@ -569,6 +579,8 @@ class Daemon:
                     "before; no pass for it for %.0f s (doubling while that repeats)",
                     req.pid, req.target, idle,
                 )  # fmt: skip
+        if outcome.frames:
+            self.anchored(proc, tracked, outcome)
         self.scheduler.record(outcome, self.clock())
         self.metrics.record(outcome, done.bytes)
         self.outcomes.append((outcome, done.bytes))
@@ -592,6 +604,67 @@ class Daemon:
         if rest is not None:
             self.metrics.pacing.labels(target).observe(rest)
         return rest
+
+    def anchored(self, proc: Process, tracked: Tracked, outcome: Outcome) -> None:
+        """Book where a Translation Ranger pass anchored (`outcome.frames`): the tracked
+        processes whose window it filled get no more ranger passes while it holds it
+        (pipeline/plan/anchors.py), their queued work dropped; said once per hold."""
+        req, procs = outcome.request, self.discovery.tracked
+
+        def alive(key: ProcKey) -> bool:
+            t = procs.get(key[0])
+            return t is not None and t.proc.start_time == key[1]
+
+        key = (req.pid, req.start_time)
+        for taken in self.anchors.passed(key, outcome.frames, proc.worked_in(outcome), alive):
+            held = procs[taken.held[0]]
+            if not self.held_back(held):
+                continue  # its target's method is not ranger (any more): nothing to hold
+            name, lo, hi = held.target.name, *taken.window
+            self.scheduler.unqueue(held.proc.pid)
+            self.metrics.ranger_conflicts.labels(name).inc()
+            args = (held.proc.pid, name, lo, hi, req.pid, tracked.target.name)
+            if not log_once(log, ("anchor window", taken.holder, taken.held), logging.WARNING,
+                            "pid %d (target %s): its Translation Ranger anchor window, frames "
+                            "[%#x, %#x), is the one pid %d (target %s) just filled: the RFC's "
+                            "kernel anchors every process at the start of its zone, so passes "
+                            "of the two would undo each other. No more ranger passes for pid "
+                            "%d while pid %d holds it (counted in "
+                            "memdefragd_ranger_window_conflicts_total); method collapse for "
+                            "target %s avoids this", *args, held.proc.pid, req.pid,
+                            name):  # fmt: skip
+                log.debug("pid %d (%s): anchor window [%#x, %#x) filled by pid %d (%s) again",
+                          *args)  # fmt: skip
+        self.count_held()
+
+    def freed(self, keys: list[ProcKey], why: str) -> None:
+        """Processes no longer held back by another's anchor window: say so."""
+        for pid, start_time in keys:
+            t = self.discovery.tracked.get(pid)
+            if t is not None and t.proc.start_time == start_time:
+                log.info("pid %d (target %s): ranger passes resume: no tracked process "
+                         "holds its Translation Ranger anchor window any more (%s)",
+                         pid, t.target.name, why)  # fmt: skip
+        self.count_held()  # a held process forgotten counts no more either
+
+    def held_back(self, tracked: Tracked) -> bool:
+        """Whether a process gets no ranger pass now: another's pass holds its window."""
+        key = (tracked.proc.pid, tracked.proc.start_time)
+        return self.method_for(tracked.target.name).startswith("ranger") and self.anchors.held(key)
+
+    def count_held(self) -> None:
+        """memdefragd_ranger_held_processes, per target (0 where none is held)."""
+        counts = dict.fromkeys(self._held_targets, 0)
+        counts.update(
+            (t.name, 0) for t in self.config.targets if self.method_for(t.name).startswith("ranger")
+        )
+        for pid, start_time in self.anchors.held_keys():
+            t = self.discovery.tracked.get(pid)
+            if t is not None and t.proc.start_time == start_time and self.held_back(t):
+                counts[t.target.name] = counts.get(t.target.name, 0) + 1
+        for name, n in counts.items():
+            self.metrics.ranger_held.labels(name).set(n)
+        self._held_targets = set(counts)
 
     def method_for(self, target: str) -> str:
         o = self.config.overrides.get(target)
@@ -673,6 +746,7 @@ class Daemon:
         self.scheduler.forget(pid)
         self.huge.forget(pid)
         self.forks.forget(pid)
+        self.freed(self.anchors.forget(pid), f"pid {pid}, which held it, is no longer tracked")
 
     def status_line(self) -> str:
         done = int(total(self.metrics.verified)) >> 20

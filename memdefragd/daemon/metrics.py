@@ -200,6 +200,20 @@ class Metrics:
         self.request_seconds = g.histogram(
             "request_duration_seconds", "Time in the kernel per request.", REQUEST_BUCKETS, "method"
         )
+        self.ranger_conflicts = g.counter(
+            "ranger_window_conflicts",
+            "Times a Translation Ranger pass of another tracked process filled the anchor "
+            "window of one of the target's processes (the RFC kernel anchors every process "
+            "at the start of its zone): that process gets no ranger pass while the other "
+            "holds the window. Counted when such a hold starts.",
+            "target",
+        )
+        self.ranger_held = g.gauge(
+            "ranger_held_processes",
+            "The target's processes that get no Translation Ranger pass now, because "
+            "another tracked process's pass holds their anchor window.",
+            "target",
+        )
         self.scan_seconds = g.histogram(
             "scan_duration_seconds", "Time to scan one process.", SCAN_BUCKETS
         )
@@ -335,6 +349,9 @@ class Metrics:
             self.recollapsed.labels(target)
             self.fork_restore.labels(target)
             self.pacing.labels(target)
+            if method.startswith("ranger"):
+                self.ranger_conflicts.labels(target)
+                self.ranger_held.labels(target)
 
     def count_races(self, counts: Mapping[str, int]) -> None:
         """Races another part counts itself (discovery's, totals so far by kind): the

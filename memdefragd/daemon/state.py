@@ -1,6 +1,7 @@
 """What the daemon remembers of each tracked process between scans: one `Process` record
 per pid, so that forgetting a process is one deletion (the plan's own per-process
-bookkeeping, in Scheduler, HugeMemory and Forks, is forgotten through their `forget`)."""
+bookkeeping, in Scheduler, HugeMemory, Forks and AnchorWindows, is forgotten through their
+`forget`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import PMD_SIZE, ProcessInfo, Request, Vma
+from ..model import PMD_SIZE, Outcome, ProcessInfo, Request, Vma
 from ..pipeline.plan.access import Windows
 from ..pipeline.plan.candidates import scan_candidates
 from ..pipeline.plan.scheduler import Candidate
@@ -115,6 +116,16 @@ class Process:
 
     def resting(self, now: float) -> bool:
         return now < self.rest_until
+
+    def worked_in(self, outcome: Outcome) -> frozenset[int]:
+        """The start addresses of its VMAs (as its last scan listed them) that a request's
+        outcome worked in (where the backend says it worked, else the request's ranges),
+        or the request's own VMA: where a Translation Ranger pass anchored."""
+        req = outcome.request
+        spans = outcome.touched or req.ranges
+        vmas = [] if self.report is None else [v.vma for v in self.report.vmas]
+        starts = {v.start for v in vmas if any(lo < v.end and v.start < hi for lo, hi in spans)}
+        return frozenset(starts or {req.vma_start})
 
     def made(self, huge: np.ndarray) -> int | None:
         """Book regions verified huge; how many urgent ones that mended (None when there

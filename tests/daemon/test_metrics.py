@@ -204,3 +204,20 @@ def test_discovery_families():
     assert m["memdefragd_discovery_listed_processes", ()] == 812
     assert m["memdefragd_discovery_tracked_processes", ()] == 3
     assert m["memdefragd_collector_success", (("collector", "discovery"),)] == 1
+
+
+def test_ranger_window_families_are_there_from_the_start_for_ranger_targets_only():
+    """A hold's first event must show in increase(): its series exist at 0 from the moment
+    a ranger target is configured; a collapse target has none."""
+    e = exported()
+    e.targets({"db": "ranger", "web": "collapse"})
+    m = scrape(e)
+    db = (("target", "db"),)
+    assert m["memdefragd_ranger_window_conflicts_total", db] == 0
+    assert m["memdefragd_ranger_held_processes", db] == 0
+    assert not [k for k in m if k[0].startswith("memdefragd_ranger_") and k[1] != db]
+    e.ranger_conflicts.labels("db").inc()
+    e.ranger_held.labels("db").set(1)
+    m = scrape(e)
+    assert m["memdefragd_ranger_window_conflicts_total", db] == 1
+    assert m["memdefragd_ranger_held_processes", db] == 1

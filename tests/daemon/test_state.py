@@ -12,7 +12,7 @@ from memdefragd.backends.sim.machine import Machine
 from memdefragd.daemon.state import Process
 from memdefragd.model import PAGE_SIZE, PMD_PAGES, PMD_SIZE, ProcessInfo, Request
 from memdefragd.pipeline.plan.access import Windows
-from memdefragd.pipeline.scan import ProcessReport, scan_process
+from memdefragd.pipeline.scan import ProcessReport, VmaReport, scan_process
 from memdefragd.pipeline.score import rollup
 from memdefragd.pipeline.targets import Target
 
@@ -168,3 +168,23 @@ def test_a_ranger_pass_that_verified_nothing_new_rests_the_process_doubling():
     assert p.after_pass(PMD_SIZE, 127.0, 5.0, 12.0) == 0.0
     assert not p.resting(127.0) and p.futile == 0
     assert p.after_pass(0, 130.0, 5.0, 12.0) == 5.0  # the doubling starts over
+
+
+def test_the_vmas_a_ranger_pass_worked_in():
+    """Where a Translation Ranger pass anchored, by VMA: those of the last scan that the
+    backend says it worked in (else the request's ranges), or the request's own VMA."""
+    from memdefragd.model import Outcome, Vma
+
+    def vma(start: int, end: int) -> VmaReport:
+        return VmaReport(Vma(start, end, "rw-p", 0, "00:00", 0, ""), None)  # type: ignore[arg-type]
+
+    heap, other = 0x7F0000000000, 0x7F0040000000
+    p = Process()
+    req = Request("t", 7, 1, heap, heap + 4 * PMD_SIZE, ((heap, heap + PMD_SIZE),), "ranger")
+    assert p.worked_in(Outcome(req, 0, 0, {}, 0.0)) == {heap}  # no scan yet: its own VMA
+    p.scanned(
+        replace(report(), vmas=(vma(heap, heap + 4 * PMD_SIZE), vma(other, other + PMD_SIZE)))
+    )
+    assert p.worked_in(Outcome(req, 0, 0, {}, 0.0)) == {heap}
+    both = ((heap + PMD_SIZE, heap + 2 * PMD_SIZE), (other, other + PMD_SIZE))
+    assert p.worked_in(Outcome(req, 0, 0, {}, 0.0, touched=both)) == {heap, other}

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 
 import numpy as np
@@ -37,6 +38,7 @@ from ...model import (
     Vma,
     ZoneFree,
 )
+from ...pipeline.plan.anchors import merge_frames
 from ..protocol import AccessSampler, Handle
 from . import baselines
 from .machine import HEAD, Machine, SimProcess
@@ -364,7 +366,8 @@ class SimBackend:
         )
         moved = (res.pages_migrated + res.pages_exchanged) * PAGE_SIZE
         failures = {k: int(v) for k, v in res.failures.items() if v}
-        return _outcome(request, request.bytes, min(request.bytes, moved), failures, t0)
+        out = _outcome(request, request.bytes, min(request.bytes, moved), failures, t0)
+        return replace(out, frames=_anchor_frames(request, res.anchors, res.segments))
 
 
 class SimCompactor:
@@ -420,6 +423,21 @@ def _present(p: SimProcess, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     if not vpns:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(vpns), np.concatenate(pfns)
+
+
+def _anchor_frames(
+    request: Request,
+    anchors: Mapping[tuple[int, int], int],
+    segments: Iterable[tuple[int, int, int, int]],
+) -> tuple[tuple[int, int], ...]:
+    """Where a ranger call meant the request's VMA to lie, in frames, as the kernel
+    backend reads it from its log: the faithful anchor's window (its first page's frame,
+    for as many frames as the VMA has pages), or the improved variant's segments."""
+    pages = (request.vma_end - request.vma_start) >> PAGE_SHIFT
+    spans = [(pfn, pfn + pages) for (pid, _), pfn in anchors.items() if pid == request.pid]
+    if segments:  # the improved variant: a window per segment
+        spans = [(pfn, pfn + hi - lo) for pid, lo, hi, pfn in segments if pid == request.pid]
+    return merge_frames(spans)
 
 
 def _u64(a: np.ndarray) -> np.ndarray:

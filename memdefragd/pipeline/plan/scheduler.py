@@ -846,6 +846,11 @@ class Scheduler:
             self._backoff.pop(target, None)
             self._machine.reset()
 
+    def unqueue(self, pid: int) -> None:
+        """Drop a live process's queued work (it is held back), keeping what was learned
+        about it."""
+        self._drop(e for e in self._queue if e[2] != pid)
+
     def forget(self, pid: int) -> None:
         """The process exited: drop its queued work and everything learned about it."""
         self._drop(e for e in self._queue if e[2] != pid)
