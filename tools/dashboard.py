@@ -331,10 +331,13 @@ def fleet() -> list[Line]:
                 "Not cycling",
                 "Instances whose last completed scan cycle is older than three scan intervals "
                 "(at least 5 minutes): memdefragd_last_cycle_timestamp_seconds against "
-                "memdefragd_scan_interval_seconds, as MemdefragdNotCycling reads them.",
+                "memdefragd_cycle_interval_seconds (scan_interval, or longer when a cycle's "
+                "own cost stretched it; memdefragd_scan_interval_seconds where a daemon does "
+                "not export it), as MemdefragdNotCycling reads them.",
                 "none",
                 f"count(time() - memdefragd_last_cycle_timestamp_seconds{{{JI}}} "
-                f"> clamp_min(3 * memdefragd_scan_interval_seconds{{{JI}}}, 300)) or vector(0)",
+                f"> clamp_min(3 * memdefragd_cycle_interval_seconds{{{JI}}} "
+                f"or 3 * memdefragd_scan_interval_seconds{{{JI}}}, 300)) or vector(0)",
                 "not cycling",
                 WARN_FROM_1,
                 w=6,

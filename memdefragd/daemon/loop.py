@@ -249,6 +249,7 @@ class Daemon:
         CPU; when that is later than the scan interval, say why (once)."""
         interval, share = self.config.daemon.scan_interval, self.config.daemon.cpu_share
         self._next_scan = next_full_scan(started, took, interval, cpu, share)
+        self.metrics.cycle_interval.set(self._next_scan - started)
         if self._next_scan - started <= interval or self._said_slow:
             return
         # The first cycle reads every process (smaps, pidfds, the first access windows);

@@ -259,6 +259,12 @@ class Metrics:
         self.last_cycle = g.gauge(
             "last_cycle_timestamp_seconds", "Unix time of the last completed scan cycle."
         )
+        self.cycle_interval = g.gauge(
+            "cycle_interval_seconds",
+            "The time from the start of the last full scan cycle to the next one's: "
+            "scan_interval, or longer when that cycle's own cost stretched it (more than "
+            "half of scan_interval, or of budget.cpu_share of it: the log says which).",
+        )
         self.method_refused = g.gauge(
             "method_refused",
             "1 for each method the config asks for that this machine cannot carry out (a "
@@ -333,6 +339,7 @@ class Metrics:
         if old is not None and old != sha256:  # after the new one: never a scrape without
             self.config_info.remove(old)
         self.scan_interval.set(scan_interval)
+        self.cycle_interval.set(scan_interval)  # until a cycle says otherwise
 
     def targets(self, methods: Mapping[str, str]) -> None:
         """Every per-target series at 0 from the moment a target is configured (target ->

@@ -257,10 +257,14 @@ def test_watching_is_charged_to_the_cpu_budget_and_stretches_the_interval(caplog
     assert [level for level, _ in said] == ["INFO", "WARNING"], said
     assert "used 0.20 s of CPU" in said[0][1] and "the next one comes in 4.00 s" in said[0][1]
     assert "cycles now come every 4.00 s" in said[1][1]
+    # exported, so that MemdefragdNotCycling waits three of these, not of scan_interval
+    assert d.metrics.registry.get_sample_value("memdefragd_cycle_interval_seconds") == 4.0
+    assert d.metrics.registry.get_sample_value("memdefragd_scan_interval_seconds") == 1.0
     light = Daemon(cfg, backend=CpuHeavyBackend(cpu, 0.01), notifier=Sink(), events=False,
                    clock=lambda: now[0], cpu_clock=lambda: cpu[0])  # fmt: skip
     light.step()
     assert light._next_scan == now[0] + 1.0  # 0.01 s of CPU: the interval holds
+    assert light.metrics.registry.get_sample_value("memdefragd_cycle_interval_seconds") == 1.0
 
 
 def test_a_fork_child_found_gone_by_a_scan_rescans_its_parent(caplog):

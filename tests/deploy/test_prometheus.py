@@ -185,7 +185,7 @@ def test_rules_are_shortened_throughout():
         assert RANGE.sub("[]", FLOOR.sub(r"\1\3", rule["expr"])) == RANGE.sub(
             "[]", FLOOR.sub(r"\1\3", was["expr"])
         ), name
-    assert "clamp_min(3 * memdefragd_scan_interval_seconds, 2)" in short["MemdefragdNotCycling"]["expr"]  # fmt: skip
+    assert "3 * memdefragd_scan_interval_seconds, 2)" in short["MemdefragdNotCycling"]["expr"]
     assert short["MemdefragdDown"]["for"] == "2s"
     assert "[144s]" in short["MemdefragdThpCoverageDropping"]["expr"]
 
