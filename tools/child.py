@@ -42,6 +42,9 @@ commands on stdin, one JSON line each, until stdin is closed:
     collapse  MADV_COLLAPSE over the whole mapping, timed: {"seconds", "errno", "tries"}
     unmap     MADV_DONTNEED of the mapping's first page (which splits a huge page there):
               its rss and the region change, with no fault; "verify" expects zeros there
+    remap     mmap a fresh page, write it, munmap it: both take the process's mmap_sem
+              for writing, so this hangs while anyone holds it (a read lock a kernel
+              call forgot to release, say): {"ok": true, "seconds"}
     hugepage  MADV_HUGEPAGE over the whole mapping: {"ok": true}
     gather    ns per access of the gather, best of ``rounds`` (3): {"ns", "all_ns"}
 
@@ -301,9 +304,17 @@ def mapping_program(cfg: dict[str, Any]) -> None:
         punched.add(0)
         return {"ok": True}
 
+    def remap() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        page = libc.mmap(None, PAGE, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        check(0 if page not in (None, MAP_FAILED) else -1, "mmap")
+        ctypes.memset(page, 1, PAGE)
+        check(libc.munmap(page, PAGE), "munmap")
+        return {"ok": True, "seconds": time.perf_counter() - t0}
+
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "verify": verify, "fork": fork, "collapse": whole_collapse, "hugepage": hugepage,
-        "unmap": unmap,
+        "unmap": unmap, "remap": remap,
     }  # fmt: skip
     ready = {"addr": addr, "collapse_errno": err, "populate": populated}
     if cfg.get("gather"):

@@ -84,6 +84,14 @@ class Child:
         """Ask the child to MADV_DONTNEED its first page (its rss changes, no fault)."""
         assert answer(self.popen, timeout, "unmap") == {"ok": True}
 
+    def remap(self, timeout: float = 120.0) -> float:
+        """Ask the child to mmap and munmap a page (each takes its mmap_sem for writing):
+        the seconds it took; TimeoutError if it did not answer in time (the lock is held:
+        the child is then stuck, kill() it)."""
+        ans = answer(self.popen, timeout, "remap")
+        assert ans.get("ok") is True, ans
+        return float(ans["seconds"])
+
     def fork(self, timeout: float = 120.0) -> int:
         """Ask a pattern=True, forkable=True child to fork a writer child and reap it: the
         pid of that (now gone) child."""

@@ -19,7 +19,10 @@ then answers one JSON command per line on stdin, one JSON line each:
     {"op": "fill_pipes", "pages": n}  n pages of pipe buffers, written and never read:
         {"pages": n}
 
-`spawn_hog` starts it from the tests; its `command` sends one command and reads the answer.
+Page indexes are of its own mapping: one outside it (a negative one, say) is refused with
+{"error"}, for an madvise there would zap the hog's interpreter (its heap, its data) and
+crash it. `HogProcess` starts it from the tests; its `command` sends one command and reads
+the answer (RuntimeError for an {"error"}).
 """
 
 from __future__ import annotations
@@ -87,17 +90,27 @@ class Hog:
         self.pipes: list[tuple[int, int]] = []
         self.tables = 0
 
+    def _inside(self, ranges: list[list[int]]) -> None:
+        """Refuse [first page, pages] ranges that leave the mapping."""
+        pages = self.size // PAGE
+        for first, n in ranges:
+            if not (first >= 0 and n >= 0 and first + n <= pages):
+                raise ValueError(f"pages [{first}, {first + n}) are not in the hog's {pages}")
+
     def free(self, offsets: list[int]) -> int:
+        self._inside([[i, 1] for i in offsets])
         for i in offsets:
             _check(libc.madvise(self.addr + i * PAGE, PAGE, MADV_DONTNEED) == 0, "madvise")
         return len(offsets)
 
     def free_ranges(self, ranges: list[list[int]]) -> int:
+        self._inside(ranges)
         for first, n in ranges:
             _check(libc.madvise(self.addr + first * PAGE, n * PAGE, MADV_DONTNEED) == 0, "madvise")
         return sum(n for _, n in ranges)
 
     def mlock_ranges(self, ranges: list[list[int]]) -> int:
+        self._inside(ranges)
         for first, n in ranges:
             _check(
                 libc.mlock(ctypes.c_void_p(self.addr + first * PAGE), ctypes.c_size_t(n * PAGE))
@@ -112,6 +125,7 @@ class Hog:
         return self.free(rng.sample(range(pages), int(pages * fraction)))
 
     def pin(self, offsets: list[int]) -> int:
+        self._inside([[i, 1] for i in offsets])
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         per_pipe = PIPE_BYTES // PAGE
         need = 2 * (len(offsets) // per_pipe + 1) + 64
@@ -162,29 +176,35 @@ def main(cfg: dict[str, Any]) -> None:
     out.write(json.dumps({"addr": hog.addr}) + "\n")
     out.flush()
     for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        if op == "free_random":
-            ans: dict[str, Any] = {"freed": hog.free_random(cmd["fraction"], cmd["seed"])}
-        elif op == "free":
-            ans = {"freed": hog.free(cmd["offsets"])}
-        elif op == "free_ranges":
-            ans = {"freed": hog.free_ranges(cmd["ranges"])}
-        elif op == "mlock_ranges":
-            ans = {"locked": hog.mlock_ranges(cmd["ranges"])}
-        elif op == "pin":
-            ans = {"pinned": hog.pin(cmd["offsets"])}
-        elif op == "mlockall":
-            _check(libc.mlockall(MCL_CURRENT) == 0, "mlockall")
-            ans = {"ok": True}
-        elif op == "pgtables":
-            ans = {"tables": hog.pgtables(cmd["count"])}
-        elif op == "fill_pipes":
-            ans = {"pages": hog.fill_pipes(cmd["pages"])}
-        else:
-            ans = {"error": f"unknown op {op!r}"}
+        try:
+            ans = _command(hog, json.loads(line))
+        except ValueError as e:
+            ans = {"error": str(e)}
         out.write(json.dumps(ans) + "\n")
         out.flush()
+
+
+def _command(hog: Hog, cmd: dict[str, Any]) -> dict[str, Any]:
+    """One command's answer; ValueError for pages outside the mapping."""
+    op = cmd["op"]
+    if op == "free_random":
+        return {"freed": hog.free_random(cmd["fraction"], cmd["seed"])}
+    if op == "free":
+        return {"freed": hog.free(cmd["offsets"])}
+    if op == "free_ranges":
+        return {"freed": hog.free_ranges(cmd["ranges"])}
+    if op == "mlock_ranges":
+        return {"locked": hog.mlock_ranges(cmd["ranges"])}
+    if op == "pin":
+        return {"pinned": hog.pin(cmd["offsets"])}
+    if op == "mlockall":
+        _check(libc.mlockall(MCL_CURRENT) == 0, "mlockall")
+        return {"ok": True}
+    if op == "pgtables":
+        return {"tables": hog.pgtables(cmd["count"])}
+    if op == "fill_pipes":
+        return {"pages": hog.fill_pipes(cmd["pages"])}
+    return {"error": f"unknown op {op!r}"}
 
 
 # ---------------------------------------------------------------- the tests' side

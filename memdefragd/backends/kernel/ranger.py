@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import subprocess
@@ -33,8 +34,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 
-from ...model import PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request
-from .procs import PidHandle
+from ...model import PAGE_SHIFT, PMD_SIZE, AccessDenied, Outcome, ProcessGone, Request
+from ...pipeline.plan.anchors import merge_frames
+from .procfs import ParseError, parse_smaps
+from .procs import PidHandle, ProcDir
 
 # Actions ([RFC04] include/linux/mem_defrag.h; 4, 6, 7 exist only in the ISCA tree).
 MEM_DEFRAG_SCAN = 0
@@ -52,10 +55,54 @@ BREAKOUT_SYSCTL = "num_breakout_chunks"
 # two memdefragd processes (the daemon and `memdefragd defrag`, say) must not interleave.
 LOCK_FILE = "/run/memdefragd/ranger.lock"
 BUF_LEN = 16 << 20  # as the artifact's launcher: a buffer too small for one record ends a scan
+DEFRAG_SIZE_SYSCTL = "defrag_size_threshold"  # action 3 skips VMAs under this many 2 MiB
+
+# The log buffer of action 3. The kernel vzalloc()s a bounce buffer of the caller's buf_len
+# on every call given one and frees it on return: order-0 unmovable pages, taken while the
+# pass runs, which land in the anchor's own window when it is free (measured on the RFC
+# kernel in a guest: the launcher's 16 MiB, 4,096 pages, left a 256 MiB heap in 3,283 runs
+# after 3,280 hard stops; a 4 KiB or 64 KiB buffer, one run). So the driver passes no more
+# than a call can log: per VMA the kernel walks, its `vma:` line and, per 2 MiB chunk of it
+# (all of them, or num_breakout_chunks: the kernel counts those per VMA), one line per
+# attempt at the widest its format can print (about twice the ~350 bytes seen), and
+# LOG_LINES_PER_CHUNK attempts (each hard stop in a chunk prints another line). A full
+# buffer is safe in action 3 (unlike actions 0 and 5, which return with the target's
+# mmap_sem held): measured in the guest, the call returns buf_len, the cut line's first
+# byte overwritten by a NUL, the target's mmap/munmap still work and the pass goes on to
+# its end. Only the log is short then: Ranger counts those calls (DefragPass.truncated_calls,
+# DefragLog.truncated), warns (once per process), and doubles the buffer for the pass's next
+# calls. An obstructed window fills it (a hard stop per pinned page, page table or THP page
+# in the window: tens of thousands of lines, more than even 16 MiB holds for pins); a caller
+# that needs such a log whole asks for its size (Ranger.defrag's log_len).
+LOG_LINES_PER_CHUNK = 2
+_PAGE = 4096
+_LU, _LX = 20, 16  # the widest %lu (2**64 - 1 in decimal) and %lx print
+_VMA_FORMAT = "vma: 0x%lx, 0x%lx, 0x%lx, -1\n"
+_CHUNK_FORMATS = (  # RFC04's chunk line, then the ISCA tree's ([ISCA@08047bf])
+    "[0x%lx, 0x%lx):%lu [alig:%lu, migrated:%lu, src: not:%lu, src_thp_dst_not:%lu, "
+    "src_pte_thp:%lu dst: out_bound:%lu, dst_thp_src_not:%lu, dst_pte_thp:%lu, "
+    "isolate_free:%lu, migrate_free:%lu, anon:%lu, file:%lu, non-lru:%lu, non-moveable:%lu], "
+    "anchor: (%lx, %lx), range: [%lx, %lx], vma: 0x%lx, not_defrag_vpn: %lx\n",
+    "[0x%lx, 0x%lx):%lu [alig:%lu, migrated:%lu, src: not:%lu, compound:%lu, dst: "
+    "out_bound:%lu, compound:%lu, free:%lu, anon:%lu, file:%lu, non-lru:%lu, "
+    "non-moveable:%lu], anchor: (%lx, %lx), range: [%lx, %lx], vma: 0x%lx, "
+    "not_defrag_vpn: %lx\n",
+)
+
+
+def _widest(fmt: str) -> int:
+    """The longest text a kernel format of %lu and %lx conversions prints."""
+    lu, lx = fmt.count("%lu"), fmt.count("%lx")
+    return len(fmt) - 3 * (lu + lx) + _LU * lu + _LX * lx
+
+
+VMA_LINE_MAX = _widest(_VMA_FORMAT)
+CHUNK_LINE_MAX = max(_widest(f) for f in _CHUNK_FORMATS)
 
 # The kernel keeps ONE scan state for the whole system (a static defrag_scan_control): a
 # call for another mm resets it. Calls, and whole passes, must never interleave.
 _LOCK = threading.Lock()
+_logger = logging.getLogger("memdefragd")
 
 
 class RangerUnavailable(Exception):
@@ -150,6 +197,14 @@ def syscall_check(syscall_nr: int, *, timeout: float = 30.0) -> str | None:
     if not vmas:
         return f"{bad}: it answered with no VMA"
     return None
+
+
+def _sysctl(proc_root: str, name: str, default: int) -> int:
+    """An integer sysctl of /proc/sys/vm, `default` if it cannot be read."""
+    try:
+        return int(Path(proc_root, "sys/vm", name).read_text().strip())
+    except (OSError, ValueError):
+        return default
 
 
 def _kernel(proc_root: str) -> str:
@@ -300,11 +355,16 @@ class DefragSummary:
 @dataclass(frozen=True, slots=True)
 class DefragPass:
     """What Ranger.defrag did: calls made, whether the kernel said the pass was complete,
-    and its log (empty when asked for none)."""
+    and its log (empty when asked for none). `truncated_calls`: calls whose log filled the
+    buffer (the pass went on; the lines that did not fit are lost, so the log, and what is
+    counted from it, covers less than the kernel did); `buf_len`: the buffer of the first
+    call (the one of each call may have grown after a full one)."""
 
     calls: int
     complete: bool
     log: DefragLog
+    truncated_calls: int = 0
+    buf_len: int = 0
 
 
 # ---------------------------------------------------------------- parsers
@@ -457,6 +517,32 @@ def summarize(chunks: Iterable[ChunkResult]) -> DefragSummary:
 # ---------------------------------------------------------------- the syscall
 
 
+def log_buffer_len(
+    vmas: Iterable[tuple[int, int]],
+    breakout_chunks: int = 0,
+    *,
+    lines_per_chunk: int = LOG_LINES_PER_CHUNK,
+    cap: int = BUF_LEN,
+) -> int:
+    """Bytes of action 3's log buffer for one call over `vmas` ([start, end) of the VMAs the
+    kernel may walk): per VMA its `vma:` line and, per 2 MiB chunk it may do in the call
+    (all of them with `breakout_chunks` 0; at most that many, the kernel's count being per
+    VMA), `lines_per_chunk` chunk lines of the widest text; whole pages (vzalloc's unit),
+    at least one, at most `cap`."""
+    need = 0
+    for start, end in vmas:
+        chunks = (-(-end // PMD_SIZE) - start // PMD_SIZE) if end > start else 0
+        if breakout_chunks > 0:
+            chunks = min(chunks, breakout_chunks)
+        need += VMA_LINE_MAX + chunks * lines_per_chunk * CHUNK_LINE_MAX
+    return min(cap, max(_PAGE, -(-need // _PAGE) * _PAGE))
+
+
+# Paths of maps lines that may be shmem, which the kernel's mem_defrag_vma_check accepts
+# (with CONFIG_TRANSPARENT_HUGE_PAGECACHE): shared anonymous memory, SysV segments, memfds.
+_SHMEM_PATHS = ("/dev/zero", "/SYSV", "/memfd:")
+
+
 class Ranger:
     """scan_process_memory on a kernel proven to have it; refuses to exist elsewhere.
 
@@ -476,7 +562,11 @@ class Ranger:
         """`breakout_chunks`: set the kernel's num_breakout_chunks to this for each pass
         (and put the old value back after), so that each call of action 3 stops after so
         many 2 MiB chunks and answers 1, "call again": short calls that should_stop and
-        pacing can come between. None leaves the sysctl as it is."""
+        pacing can come between. None leaves the sysctl as it is.
+
+        `buf_len`: the most bytes a log buffer may have. Action 3's is sized per pass from
+        the process's VMAs (log_buffer_len); the contiguity dump (action 5) always gets
+        all of it: a dump that fills its buffer mid-VMA leaves the target's mmap_sem held."""
         ok, reason = ranger_support(syscall_nr, proc_root)
         if not ok:
             raise RangerUnavailable(reason)
@@ -490,11 +580,13 @@ class Ranger:
         self.lock_file = lock_file
         self._fn: Callable[..., int] | None = None  # libc's syscall(), loaded on first use
         self._buf: ctypes.Array[ctypes.c_char] | None = None
+        self.truncated_calls = 0  # calls of action 3 whose log filled its buffer, ever
+        self._warned: set[tuple[int, int]] = set()  # (pid, start time) warned of that
 
     def mark_all(self, handle: PidHandle) -> None:
         """Action 1: every VMA of the process becomes eligible (MMF_VM_MEM_DEFRAG_ALL),
         as Translation Ranger's launcher does before defragmenting."""
-        self._run(handle, MEM_DEFRAG_MARK_SCAN_ALL, False, 1, lambda: False)
+        self._run(handle, MEM_DEFRAG_MARK_SCAN_ALL, 0, 1, lambda: False)
 
     def defrag(
         self,
@@ -503,40 +595,108 @@ class Ranger:
         log: bool = True,
         max_calls: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        log_len: int | None = None,
     ) -> DefragPass:
         """Action 3 until the kernel returns 0 (pass complete), `max_calls` calls were
         made, or should_stop() says so between calls. With `log`, the per-chunk log is
-        collected and parsed; without, the kernel only answers 1 (more to do) or 0."""
-        text, calls, complete = self._run(handle, MEM_DEFRAG_DEFRAG, log, max_calls, should_stop)
-        return DefragPass(calls, complete, parse_defrag_log(text) if log else DefragLog((), ()))
+        collected and parsed; without, the kernel only answers 1 (more to do) or 0.
+
+        The log buffer is what a call can log with LOG_LINES_PER_CHUNK lines a chunk
+        (log_buffer_len): a window full of obstacles (a THP, pinned pages, page tables:
+        a hard stop, and a line, per page) fills it, and the log says so (`truncated`).
+        `log_len` asks for that many bytes instead (at most `buf_len`), for a caller that
+        needs the whole log of such a pass more than the kernel's pages it costs."""
+        if not log:
+            size = 0
+        elif log_len is not None:
+            size = max(1, min(log_len, self.buf_len))
+        else:
+            size = self.log_buffer_len(handle)
+        text, calls, complete, full = self._run(
+            handle, MEM_DEFRAG_DEFRAG, size, max_calls, should_stop
+        )
+        if not log:
+            return DefragPass(calls, complete, DefragLog((), ()))
+        parsed = parse_defrag_log(text)
+        if full:
+            parsed = DefragLog(parsed.vmas, parsed.chunks, truncated=True)
+            self.truncated_calls += full
+            key = (handle.pid, handle.proc.start_time)
+            level = logging.DEBUG if key in self._warned else logging.WARNING
+            if len(self._warned) >= 4096:  # a long-lived daemon: forget, warn again
+                self._warned.clear()
+            self._warned.add(key)  # once per process: an obstructed window stays so
+            _logger.log(
+                level,
+                "Translation Ranger: the defrag log of pid %d filled its buffer (%d bytes at "
+                "first) in %d of %d calls: the pass went on, but the lines that did not fit "
+                "are lost (%d chunk lines kept; a hard stop is a line each)", handle.pid,
+                size, full, calls, len(parsed.chunks),
+            )  # fmt: skip
+        return DefragPass(calls, complete, parsed, truncated_calls=full, buf_len=size)
+
+    def log_buffer_len(self, handle: PidHandle) -> int:
+        """The log buffer the next pass of action 3 over this process starts with: what
+        one call can log (log_buffer_len) over the VMAs the kernel may walk now, those of
+        /proc/PID/maps that are anonymous (or may be shmem) and no smaller than
+        defrag_size_threshold x 2 MiB; `buf_len` (the cap) when maps cannot be read."""
+        try:
+            with ProcDir(self.proc_root, handle.pid) as d:
+                vmas = parse_smaps(d.read_text("maps"))
+        except (OSError, ProcessGone, AccessDenied, ParseError):
+            return self.buf_len
+        least = _sysctl(self.proc_root, DEFRAG_SIZE_SYSCTL, 5) * PMD_SIZE
+        spans = [
+            (v.start, v.end)
+            for v in vmas
+            if v.size >= least and (v.inode == 0 or v.path.startswith(_SHMEM_PATHS))
+        ]
+        breakout = self.breakout_chunks
+        if breakout is None:  # the sysctl as it is
+            breakout = _sysctl(self.proc_root, BREAKOUT_SYSCTL, 0)
+        return log_buffer_len(spans, breakout, cap=self.buf_len)
 
     def contig_scan(self, handle: PidHandle) -> tuple[ContigVma, ...]:
-        """Action 5: the kernel's own contiguity dump of every VMA of the process."""
-        text, _, _ = self._run(handle, MEM_DEFRAG_CONTIG_SCAN, True, None, lambda: False)
+        """Action 5: the kernel's own contiguity dump of every VMA of the process, into a
+        buffer of `buf_len` (a dump that fills its buffer mid-VMA leaves the target's
+        mmap_sem held: measured, the target's next mmap hangs)."""
+        text, _, _, _ = self._run(handle, MEM_DEFRAG_CONTIG_SCAN, self.buf_len, None, lambda: False)
         return parse_contig_dump(text)
 
     def _run(
         self,
         handle: PidHandle,
         action: int,
-        log: bool,
+        size: int,
         max_calls: int | None,
         should_stop: Callable[[], bool],
-    ) -> tuple[str, int, bool]:
+    ) -> tuple[str, int, bool, int]:
+        """Calls of `action` with a buffer of `size` bytes (none if 0) until the kernel
+        answers 0: (text, calls, complete, calls of action 3 that filled the buffer). A
+        full defrag log ends in its cut line (its first byte a NUL): dropped, since the
+        next call starts a line of its own, and the next call gets twice the buffer."""
         parts: list[bytes] = []
-        calls = 0
+        calls = full = 0
+        complete = False
         with _LOCK, self._machine_lock(), self._breakout(action):
-            buf = self._buffer() if log else None
             while max_calls is None or calls < max_calls:
                 if calls and should_stop():
                     break
-                ret = self._call(handle, buf, action)
+                buf = self._buffer(size) if size else None
+                ret = self._call(handle, buf, size, action)
                 calls += 1
                 if ret == 0:
-                    return b"".join(parts).decode("ascii", "replace"), calls, True
-                if buf is not None:
-                    parts.append(buf.raw[:ret])
-        return b"".join(parts).decode("ascii", "replace"), calls, False
+                    complete = True
+                    break
+                if buf is None:
+                    continue
+                text = buf.raw[:ret]
+                if action == MEM_DEFRAG_DEFRAG and ret >= size:
+                    full += 1
+                    text = text[: text.rfind(b"\n") + 1]
+                    size = min(self.buf_len, 2 * size)
+                parts.append(text)
+        return b"".join(parts).decode("ascii", "replace"), calls, complete, full
 
     @contextlib.contextmanager
     def _machine_lock(self) -> Iterator[None]:
@@ -567,17 +727,20 @@ class Ranger:
         finally:
             knob.write_text(f"{old}\n")
 
-    def _buffer(self) -> ctypes.Array[ctypes.c_char]:
-        if self._buf is None:
-            self._buf = ctypes.create_string_buffer(self.buf_len)
+    def _buffer(self, size: int) -> ctypes.Array[ctypes.c_char]:
+        """Our side's buffer, at least `size` bytes (the kernel is told `size`)."""
+        if self._buf is None or len(self._buf) < size:
+            self._buf = ctypes.create_string_buffer(size)
         return self._buf
 
-    def _call(self, handle: PidHandle, buf: ctypes.Array[ctypes.c_char] | None, action: int) -> int:
-        """One syscall on the process the handle proves. The syscall takes a pid, not a
-        pidfd: the pidfd is polled first, so a process that exited (whose pid may be
-        reused) is never named."""
+    def _call(
+        self, handle: PidHandle, buf: ctypes.Array[ctypes.c_char] | None, size: int, action: int
+    ) -> int:
+        """One syscall on the process the handle proves, with `size` bytes of `buf`. The
+        syscall takes a pid, not a pidfd: the pidfd is polled first, so a process that
+        exited (whose pid may be reused) is never named."""
         handle.check_alive()
-        ret, err = self._syscall(handle.pid, buf, len(buf) if buf is not None else 0, action)
+        ret, err = self._syscall(handle.pid, buf, size if buf is not None else 0, action)
         if ret >= 0:
             return ret
         if err == errno.ESRCH:
@@ -640,7 +803,25 @@ def carry_out(
         failures=dict(summary.chunk_failures),
         duration=time.monotonic() - t0,
         touched=_aligned_ranges((c.start, c.end) for c in chunks),
+        frames=anchor_frames(done.log),
     )
+
+
+def anchor_frames(log: DefragLog) -> tuple[tuple[int, int], ...]:
+    """Where the pass meant the pages of each VMA it walked to lie: per anchor of its
+    chunk lines, the frames anchor_pfn + (vpn - anchor_vpn) of the vpns of its interval
+    ([start, last], inclusive) inside the VMA (from its `vma:` line, when the log has
+    it), merged and in order."""
+    bounds = {v.vma_id: (v.start, v.end) for v in log.vmas}
+    spans = set()
+    for c in log.chunks:
+        lo, hi = c.anchor_start >> PAGE_SHIFT, (c.anchor_last >> PAGE_SHIFT) + 1
+        if c.vma_id in bounds:
+            start, end = bounds[c.vma_id]
+            lo, hi = max(lo, start >> PAGE_SHIFT), min(hi, end >> PAGE_SHIFT)
+        first = c.anchor_pfn + (lo - c.anchor_vpn)
+        spans.add((max(0, first), first + (hi - lo)))
+    return merge_frames(spans)
 
 
 def _aligned_ranges(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

@@ -23,8 +23,12 @@ import pytest
 from memdefragd.backends.kernel.backend import KernelBackend
 from memdefragd.backends.kernel.procs import PidHandle
 from memdefragd.backends.kernel.ranger import (
+    BUF_LEN,
+    CHUNK_LINE_MAX,
+    LOG_LINES_PER_CHUNK,
     MEM_DEFRAG_CONTIG_SCAN,
     MEM_DEFRAG_DEFRAG,
+    VMA_LINE_MAX,
     ChunkResult,
     ContigVma,
     DefragStats,
@@ -33,6 +37,7 @@ from memdefragd.backends.kernel.ranger import (
     RangerParseError,
     RangerUnavailable,
     last_attempts,
+    log_buffer_len,
     parse_contig_dump,
     parse_defrag_log,
     parse_stats,
@@ -579,3 +584,177 @@ def test_a_daemon_request_is_a_slice_of_the_pass(patched_root, monkeypatch, me, 
     assert all(lo % PMD_SIZE == 0 == hi % PMD_SIZE for lo, hi in out.touched)
     carry_out(r, me, req, marked=marked)  # the same process again: no second action 1
     assert [c[2] for c in calls[4:]] == [3] and script == []
+
+
+# ---- the size of action 3's log buffer ------------------------------------------------------
+
+MAPS = (
+    "7f0000000000-7f0010000000 rw-p 00000000 00:00 0 \n"  # 256 MiB anonymous: 128 chunks
+    "7f0010000000-7f0010800000 rw-p 00000000 00:00 0 \n"  # 8 MiB: under defrag_size_threshold
+    "7f0020000000-7f0040000000 r--p 00000000 08:01 1234                       /usr/lib/big.so\n"
+    "7f0050100000-7f0050b00000 rw-s 00000000 00:05 99     /dev/zero (deleted)\n"  # 10 MiB shmem
+    "55d0c0000000-55d0c0c00000 rw-p 00000000 00:00 0                          [heap]\n"  # 12 MiB
+)
+# what the kernel may walk in MAPS: the 128 chunks of the 256 MiB, the shmem's 10 MiB from
+# 1 MiB past a 2 MiB boundary (6 chunks, the first and last partial), the heap's 6
+MAPS_CHUNKS = (128, 6, 6)
+
+
+def _widest_line(v: int) -> str:
+    """RFC04's chunk line with every field, the hex ones too, at `v`."""
+    return (
+        f"[0x{v:x}, 0x{v:x}):{v} [alig:{v}, migrated:{v}, src: not:{v}, "
+        f"src_thp_dst_not:{v}, src_pte_thp:{v} "
+        f"dst: out_bound:{v}, dst_thp_src_not:{v}, dst_pte_thp:{v}, isolate_free:{v}, "
+        f"migrate_free:{v}, anon:{v}, file:{v}, non-lru:{v}, non-moveable:{v}], "
+        f"anchor: ({v:x}, {v:x}), range: [{v:x}, {v:x}], vma: 0x{v:x}, not_defrag_vpn: {v:x}\n"
+    )
+
+
+def test_the_widest_lines_the_kernel_can_print():
+    """Every field at 2**64 - 1: the chunk line is CHUNK_LINE_MAX long and parses; the
+    lines seen on the kernel (about 350 bytes) and the samples above are shorter."""
+    top = (1 << 64) - 1
+    line = _widest_line(top)
+    assert len(line) == CHUNK_LINE_MAX == 671
+    (chunk,) = parse_defrag_log(line).chunks
+    assert chunk.stats.migrated == top and chunk.not_defrag == top
+    assert len(f"vma: 0x{top:x}, 0x{top:x}, 0x{top:x}, -1\n") == VMA_LINE_MAX
+    assert len(ISCA_LINE) < CHUNK_LINE_MAX
+    assert max(len(x) + 1 for x in RFC_LOG.splitlines()) < CHUNK_LINE_MAX
+
+
+def test_log_buffer_len_is_what_one_call_can_log():
+    M = 1 << 20
+    heap = [(B, B + 256 * M)]
+    per_chunk = LOG_LINES_PER_CHUNK * CHUNK_LINE_MAX
+    whole = VMA_LINE_MAX + 128 * per_chunk
+    assert log_buffer_len(heap) == -(-whole // PAGE) * PAGE  # whole pages
+    assert log_buffer_len(heap) < BUF_LEN // 64  # 84 pages, not 4,096
+    # num_breakout_chunks: at most that many chunks per VMA and call
+    assert log_buffer_len(heap, 8) == -(-(VMA_LINE_MAX + 8 * per_chunk) // PAGE) * PAGE
+    assert log_buffer_len(heap, 1000) == log_buffer_len(heap)
+    # the kernel's count restarts at each VMA: one call may do 8 chunks of each of them
+    two = [(B, B + 256 * M), (B + 512 * M, B + 532 * M)]  # 128 and 10 chunks
+    assert log_buffer_len(two, 8) == -(-(2 * (VMA_LINE_MAX + 8 * per_chunk)) // PAGE) * PAGE
+    assert log_buffer_len(two, 16) == -(-(2 * VMA_LINE_MAX + 26 * per_chunk) // PAGE) * PAGE
+    # a VMA off the 2 MiB grid has a partial chunk at each end
+    odd = [(B + M, B + 11 * M)]
+    assert log_buffer_len(odd, lines_per_chunk=1, cap=1 << 30) == PAGE * -(
+        -(VMA_LINE_MAX + 6 * CHUNK_LINE_MAX) // PAGE
+    )
+    # at least a page (an empty buffer would mean "no log" to the kernel), at most the cap
+    assert log_buffer_len([]) == PAGE
+    assert log_buffer_len([(B, B + (64 << 30))]) == BUF_LEN
+    assert log_buffer_len([(B, B + (64 << 30))], cap=1 << 20) == 1 << 20
+
+
+def write_maps(root: str, pid: int, text: str = MAPS) -> None:
+    Path(root, str(pid)).mkdir(exist_ok=True)
+    Path(root, str(pid), "maps").write_text(text)
+
+
+def maps_len(breakout: int, chunks=MAPS_CHUNKS) -> int:
+    per = [min(c, breakout) if breakout else c for c in chunks]
+    need = sum(VMA_LINE_MAX + c * LOG_LINES_PER_CHUNK * CHUNK_LINE_MAX for c in per)
+    return -(-need // PAGE) * PAGE
+
+
+def test_the_ranger_sizes_its_buffer_from_the_vmas_the_kernel_walks(patched_root, me):
+    """Anonymous VMAs (and what may be shmem) of at least defrag_size_threshold x 2 MiB,
+    with the breakout configured, or the sysctl's when none is."""
+    write_maps(patched_root, me.pid)
+    r = Ranger(335, proc_root=patched_root)
+    assert r.log_buffer_len(me) == maps_len(0)
+    Path(patched_root, "sys/vm/defrag_size_threshold").write_text("6\n")  # 12 MiB and up
+    assert r.log_buffer_len(me) == maps_len(0, (128, 6))
+    Path(patched_root, "sys/vm/defrag_size_threshold").write_text("5\n")
+    Path(patched_root, "sys/vm/num_breakout_chunks").write_text("4\n")
+    assert r.log_buffer_len(me) == maps_len(4)  # None: the sysctl as it is
+    assert Ranger(335, proc_root=patched_root, breakout_chunks=0).log_buffer_len(me) == maps_len(0)
+    assert Ranger(335, proc_root=patched_root, breakout_chunks=2).log_buffer_len(me) == maps_len(2)
+    # no maps to read (the process is gone, say): the cap
+    assert Ranger(335, proc_root=patched_root, buf_len=1 << 20).log_buffer_len(me) != 1 << 20
+    Path(patched_root, str(me.pid), "maps").unlink()
+    assert Ranger(335, proc_root=patched_root, buf_len=1 << 20).log_buffer_len(me) == 1 << 20
+
+
+def test_defrag_gives_the_kernel_that_size_and_the_dump_the_cap(patched_root, monkeypatch, me):
+    write_maps(patched_root, me.pid)
+    r = Ranger(335, proc_root=patched_root)
+    calls, _ = scripted(r, monkeypatch, [RFC_LOG.encode(), 0])
+    done = r.defrag(me)
+    assert [c[1] for c in calls] == [maps_len(0)] * 2
+    assert (done.buf_len, done.truncated_calls, done.log.truncated) == (maps_len(0), 0, False)
+    calls, _ = scripted(r, monkeypatch, [b"00000000a8b6e356, 0x1, 0x7f0000, 0x7f1000, -1\n", 0])
+    r.contig_scan(me)
+    assert [c[1] for c in calls] == [BUF_LEN] * 2  # a full dump would keep mmap_sem held
+
+
+def full(lines: str, size: int) -> tuple[bytes, str]:
+    """What the kernel returns when the log fills: `size` bytes, `lines` and as many more
+    whole chunk lines as fit, then the cut line with its first byte a NUL (RFC04:
+    stats_buf[pos] = '\\0'); and the whole lines of it."""
+    text, k = lines, 16
+    while True:
+        line = rfc_chunk(B + k * MiB2, B + (k + 1) * MiB2, 512, migrated=512)
+        if len(text) + len(line) >= size:
+            break
+        text, k = text + line, k + 1
+    out = (text + "\0" + line[1:]).encode()[:size]
+    assert len(out) == size
+    return out, text
+
+
+def test_a_full_log_is_counted_cut_at_its_last_line_and_the_next_call_gets_more(
+    patched_root, monkeypatch, me, caplog
+):
+    """Measured on the RFC kernel: a full log buffer in action 3 returns buf_len, leaves
+    no lock held and the pass goes on; only the lines that did not fit are lost."""
+    write_maps(patched_root, me.pid)
+    r = Ranger(335, proc_root=patched_root, breakout_chunks=2)
+    size = maps_len(2)
+    first = RFC_LOG[: RFC_LOG.index("[0x7f0000400000")]  # the vma line and three attempts
+    last = RFC_LOG[len(first) :]
+    answer, kept = full(first, size)
+    calls, script = scripted(r, monkeypatch, [answer, last.encode(), 0])
+    with caplog.at_level("WARNING", logger="memdefragd"):
+        done = r.defrag(me)
+    assert script == []
+    assert [c[1] for c in calls] == [size, 2 * size, 2 * size]  # doubled after the full one
+    assert (done.calls, done.complete, done.truncated_calls, done.buf_len) == (3, True, 1, size)
+    assert done.log.truncated
+    # the cut line is gone; the next call's lines parse on their own
+    assert done.log.chunks == parse_defrag_log(kept + last).chunks
+    assert len(done.log.chunks) == len(kept.splitlines())  # kept's, less its vma line, + 1
+    assert r.truncated_calls == 1
+    assert "filled its buffer" in caplog.text and f"pid {me.pid}" in caplog.text
+    # the same process again: counted, but warned of once
+    caplog.clear()
+    scripted(r, monkeypatch, [answer, 0])
+    with caplog.at_level("WARNING", logger="memdefragd"):
+        assert r.defrag(me).truncated_calls == 1
+    assert r.truncated_calls == 2 and "filled its buffer" not in caplog.text
+    # the doubling stops at the cap
+    r = Ranger(335, proc_root=patched_root, breakout_chunks=2, buf_len=size)
+    calls, _ = scripted(r, monkeypatch, [answer, answer, 0])
+    done = r.defrag(me)
+    assert [c[1] for c in calls] == [size] * 3 and done.truncated_calls == 2
+    # a buffer too small for a single chunk line: only the vma line is kept
+    r = Ranger(335, proc_root=patched_root, buf_len=256)
+    tiny = RFC_LOG.splitlines(keepends=True)[0] + "\0" + rfc_chunk(B, B + MiB2, 512)[1:]
+    calls, _ = scripted(r, monkeypatch, [tiny.encode()[:256], 0])
+    done = r.defrag(me)
+    assert [c[1] for c in calls] == [256, 256]
+    assert len(done.log.vmas) == 1 and done.log.chunks == () and done.log.truncated
+
+
+def test_a_caller_may_ask_for_a_log_buffer_of_its_own(patched_root, monkeypatch, me):
+    """log_len: that many bytes instead of the sized buffer, at most the cap."""
+    write_maps(patched_root, me.pid)
+    r = Ranger(335, proc_root=patched_root, buf_len=1 << 22)
+    calls, _ = scripted(r, monkeypatch, [RFC_LOG.encode(), 0, RFC_LOG.encode(), 0, 0])
+    assert r.defrag(me, log_len=1 << 20).buf_len == 1 << 20
+    assert r.defrag(me, log_len=1 << 30).buf_len == 1 << 22  # the cap
+    assert r.defrag(me, log=False, log_len=1 << 20).buf_len == 0  # no log, no buffer
+    assert [c[1] for c in calls] == [1 << 20] * 2 + [1 << 22] * 2 + [0]
