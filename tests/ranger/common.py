@@ -77,6 +77,20 @@ def fmt(name: str, v: float) -> str:
     return f"{v:.1f}" if name.startswith("mean") else str(int(v))
 
 
+def driver_log_len(pid: int) -> int:
+    """The log buffer the driver's next pass over `pid` will give the kernel (which
+    vzallocs it for each call: frames the simulator's Knobs.log_buffer takes too)."""
+    kb = KernelBackend()
+    try:
+        handle = PidHandle(kb.process(pid))
+        try:
+            return Ranger(TR_SYSCALL, lock_file=None).log_buffer_len(handle)
+        finally:
+            handle.close()
+    finally:
+        kb.close()
+
+
 def kernel_pass(pid: int) -> DefragPass:
     """The kernel's whole pass over a process, as its launcher does it: action 1 (every
     VMA eligible), then action 3 in one call (num_breakout_chunks as it is), logged."""
