@@ -14,11 +14,14 @@ hold: data intact, passes logged for every process, contiguity up.
 The RFC anchors a process's first VMA at the start of a zone whatever other processes
 did (get_undefragged_area looks at one mm only): processes whose lowest page lies in the
 same zone share one window, and each pass takes that window from the one before (by
-exchange). The daemon then finds the process before fragmented again and goes back to
-it: the passes never end (the test stops them at MAX_PASSES). Before a pass that made
-nothing new contiguous rested its process, one process took 29 of 30 passes and others
-never had one; every process must now have had a pass. The table says which process held
-each window at the end, the order of the passes and the pages exchanged.
+exchange). Without the daemon's rule for shared windows (the process whose pass filled
+a window last keeps it, the one before is held back: pipeline/plan/anchors.py), it went
+back to the process before, fragmented again, and the passes never ended (921k pages
+exchanged in 30 passes). Asserted: every process had a pass (before a pass that made
+nothing new contiguous rested its process, one took 29 of 30 and others none), and in a
+shared window no process had the window back after another's pass took it, the log
+saying so. The table says which process held each window at the end, the order of the
+passes and the pages exchanged.
 """
 
 from __future__ import annotations
@@ -178,7 +181,8 @@ def _run(hog, kids, m0, daemons, tmp_path, record_property) -> None:
     print(f"\ndaemon's ranger passes, aged guest, {N} processes:\n{table}")
     record_property("ranger figures (daemon, aged guest)", table)
     record_property("daemon log (ranger lines)", "\n".join(
-        line for line in text.splitlines() if " ranger pid " in line or "lacks" in line
+        line for line in text.splitlines()
+        if " ranger pid " in line or "lacks" in line or "anchor window" in line
     )[-6000:])  # fmt: skip
 
     # -- what must hold
@@ -187,6 +191,15 @@ def _run(hog, kids, m0, daemons, tmp_path, record_property) -> None:
     assert tb["runs"] >= 0.9 * (N * SIZE >> PAGE_SHIFT)  # scattered: about a run per page
     # the daemon's passes: the last one's process holds its window, mended, after
     assert set(order) == set(pids), (order, text[-4000:])  # nobody starved
+    # processes sharing a window: once one's pass took it, the one before never had it
+    # back (the daemon holds it back: daemon/loop.py, pipeline/plan/anchors.py)
+    for w in set(win.values()):
+        sharing = [p for p in pids if win[p] == w]
+        turns = [p for p in order if p in sharing]
+        holders = [p for i, p in enumerate(turns) if i == 0 or turns[i - 1] != p]
+        assert len(holders) == len(set(holders)), (w, holders)  # no ping-pong
+        if len(holders) > 1:
+            assert "its Translation Ranger anchor window" in text, text[-4000:]
     assert fa[order[-1]]["coverage@128"] >= 0.5, table
     assert ta["coverage@128"] >= max(0.2, 10 * tb["coverage@128"]), table
     assert mig + exc > 0

@@ -2,8 +2,8 @@
 
 RFC04's kmem_defragd_scan_mm vzalloc()s the caller's buf_len at the start of every call
 of action 3 given a buffer and vfree()s it on return. On its kernel (tests/ranger,
-test_kravetz.py, case "free") memdefragd's 16 MiB buffer took 3,532 frames of a free
-anchor window, each a hard stop (dst_non_moveable_failed). The model takes the buffer's
+test_kravetz.py, case "free") a 16 MiB buffer (the launcher's, and memdefragd's then)
+took 3,532 frames of a free anchor window, each a hard stop (dst_non_moveable_failed). The model takes the buffer's
 frames as the buddy allocator does (unmovable, stolen from the largest free block, lowest
 pieces first) and gives them back when the call ends.
 """

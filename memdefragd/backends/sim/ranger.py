@@ -62,10 +62,11 @@ class Knobs:
     defrag_size_threshold: int = 5  # skip VMAs smaller than this many 2 MiB units
     promote: bool = True  # mem_defrag_promote_thp = 12: promote clean 2 MiB chunks
     # Bytes of the call's log buffer. The kernel vzalloc()s a bounce buffer of the
-    # caller's buf_len at the start of every call of action 3 given one (memdefragd's
-    # driver gives 16 MiB) and frees it on return: order-0 unmovable pages, taken where
-    # the buddy allocator takes them, which can be inside the anchor's window (measured
-    # on its kernel: 3,532 of the 4,096 pages of a free window's start, each a hard stop).
+    # caller's buf_len at the start of every call of action 3 given one and frees it on
+    # return: order-0 unmovable pages, taken where the buddy allocator takes them, which
+    # can be inside the anchor's window (measured on its kernel with the launcher's 16 MiB:
+    # 3,532 of the 4,096 pages of a free window's start, each a hard stop; memdefragd's
+    # driver now sizes it to what a call can log, Ranger.log_buffer_len).
     log_buffer: int = 0
     # THP rules: RFC 05's (the ISCA tree: split what cannot move whole) or, with `rfc04`,
     # RFC 04's alone (the February 2019 posting, the kernel tests/ranger boots: never
